@@ -1,0 +1,75 @@
+"""Streaming attention: query i sees key j iff j <= i and (j < S or i - j < W).
+
+`S` = sink tokens, `W` = window (the query itself counts in the window). Positions are the model's
+position ids, so with left padding the sinks are the first S real tokens of each row.
+
+Backends behind `streaming_attention`:
+- `sdpa`: query-blocked `scaled_dot_product_attention` over sink + window keys (CPU and GPU, forward and
+  backward, any padding). The default wherever flash-attn is not usable.
+- `flex`: torch FlexAttention with a block mask (compiled; forward only on CPU).
+- `flash_attn`: flash-attn's sliding window plus sinks merged through the log-sum-exp (CUDA, fp16/bf16,
+  unpadded batches; padded batches go to `sdpa`).
+- `auto`: `flash_attn` where usable, else `sdpa`.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import flash as _flash
+from .flex import flex_streaming
+from .sdpa import chunked_streaming_sdpa, positional_streaming_sdpa
+
+BACKENDS = ("auto", "sdpa", "flex", "flash_attn")
+
+__all__ = ["BACKENDS", "check_backend", "resolve_backend", "streaming_attention", "positional_streaming_sdpa"]
+
+
+def check_backend(name: str) -> None:
+    """Fail early, with the reason, for a backend name that cannot run here."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown streaming attention backend {name!r}; choose one of {BACKENDS}")
+    if name == "flash_attn" and not _flash.is_available():
+        raise ImportError(
+            "backend='flash_attn' needs the flash-attn package and a CUDA GPU "
+            "(pip install 'lt_train[gpu]'); use backend='auto' to fall back to sdpa"
+        )
+
+
+def resolve_backend(name: str, q: torch.Tensor, padded: bool) -> str:
+    if name == "auto":
+        usable = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash.is_available()
+        return "flash_attn" if usable and not padded else "sdpa"
+    if name == "flash_attn" and padded:
+        return "sdpa"  # flash-attn's dense API has no per-row sinks; see flash.py
+    return name
+
+
+def streaming_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: int,
+    window: int,
+    scale: float | None = None,
+    backend: str = "auto",
+    pad: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Streaming attention over one contiguous run of tokens per row.
+
+    q [B, Hq, T, D]; k, v [B, Hkv, T, D] with Hq a multiple of Hkv (GQA without expanding K/V).
+    pad [B] (optional): keys before this index are padding. offset [B] (optional): the position of the
+    token at index t is t - offset[b] (left padding with position ids that start at each row's first
+    real token). Returns [B, Hq, T, D]. Padding queries attend to themselves only (finite, ignorable).
+    """
+    if sink < 0 or window < 1:
+        raise ValueError(f"need sink >= 0 and window >= 1, got sink={sink}, window={window}")
+    chosen = resolve_backend(backend, q, padded=pad is not None or offset is not None)
+    if chosen == "sdpa":
+        return chunked_streaming_sdpa(q, k, v, sink, window, scale, pad, offset)
+    if chosen == "flex":
+        return flex_streaming(q, k, v, sink, window, scale, pad, offset)
+    if chosen == "flash_attn":
+        check_backend("flash_attn")
+        return _flash.flash_streaming(q, k, v, sink, window, scale)
+    raise ValueError(f"unknown streaming attention backend {backend!r}; choose one of {BACKENDS}")

