@@ -60,6 +60,8 @@ def flex_streaming(
         offset = torch.zeros_like(pad)
     if offset is not None and pad is None:
         pad = torch.zeros_like(offset)
+    if not torch.is_grad_enabled():  # inference: do not let requires_grad inputs trip the CPU check
+        q, k, v = q.detach(), k.detach(), v.detach()
     bm = _block_mask(q.shape[2], sink, window, q.device, pad, offset)
     if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         raise RuntimeError(

@@ -91,32 +91,48 @@ def chunked_streaming_sdpa(
     Tp = nblk * block
     L = block + W - 1
 
-    if pad is None:
-        key = (T, sink, W, block, q.device)
+    if pad is None:  # the mask depends on shapes only: build it once per shape
+        key = (B, T, sink, W, block, q.device, q.dtype)
         if key not in _MASK_CACHE:
-            if len(_MASK_CACHE) > 64:
+            if len(_MASK_CACHE) > 32:
                 _MASK_CACHE.clear()
-            _MASK_CACHE[key] = _masks(T, sink, W, block, q.device, None, None)
-        sm, wm, sink_idx = _MASK_CACHE[key]
+            _MASK_CACHE[key] = _sdpa_mask(B, T, sink, W, block, q.device, q.dtype, None, None)
+        mask, sink_idx = _MASK_CACHE[key]
     else:
-        sm, wm, sink_idx = _masks(T, sink, W, block, q.device, pad, offset)
+        mask, sink_idx = _sdpa_mask(B, T, sink, W, block, q.device, q.dtype, pad, offset)
 
     def blocks(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, D] -> [B, n, H, L, D] window keys per block
         xp = F.pad(x, (0, 0, W - 1, Tp - T))
         return xp.unfold(2, L, block).permute(0, 2, 1, 4, 3)
 
     kb, vb = blocks(k), blocks(v)
-    mask = wm
-    if sm is not None:
+    if sink_idx is not None:
         idx = sink_idx.clamp(0, T - 1)[:, None, :, None].expand(B, Hkv, sink, D)
         ks = k.gather(2, idx).unsqueeze(1).expand(B, nblk, Hkv, sink, D)
         vs = v.gather(2, idx).unsqueeze(1).expand(B, nblk, Hkv, sink, D)
         kb = torch.cat([ks, kb], dim=3)
         vb = torch.cat([vs, vb], dim=3)
-        mask = torch.cat([sm, wm], dim=-1)
-    qb = F.pad(q, (0, 0, 0, Tp - T)).view(B, Hq, nblk, block, D).transpose(1, 2)  # [B, n, Hq, bq, D]
+    # Fold the blocks into the batch: 4-D inputs reach the fused (flash) SDPA kernels, 5-D ones fall back to
+    # the slow math path on CPU.
+    n = B * nblk
+    qb = F.pad(q, (0, 0, 0, Tp - T)).view(B, Hq, nblk, block, D).transpose(1, 2).reshape(n, Hq, block, D)
+    kb = kb.reshape(n, Hkv, -1, D)
+    vb = vb.reshape(n, Hkv, -1, D)
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out.transpose(1, 2).reshape(B, Hq, Tp, D)[:, :, :T]
+    return out.view(B, nblk, Hq, block, D).transpose(1, 2).reshape(B, Hq, Tp, D)[:, :, :T]
+
+
+def _sdpa_mask(B, T, sink, W, block, device, dtype, pad, offset):
+    """The additive float mask [B * nblk, 1, block, S + L] (faster than a boolean one in CPU SDPA)."""
+    sm, wm, sink_idx = _masks(T, sink, W, block, device, pad, offset)
+    mask = wm if sm is None else torch.cat([sm, wm], dim=-1)
+    nblk = mask.shape[1]
+    mask = _additive(mask, dtype).expand(B, nblk, 1, block, mask.shape[-1]).reshape(B * nblk, 1, block, -1)
+    return mask, sink_idx
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def positional_streaming_sdpa(
