@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -95,7 +96,8 @@ def _mask_key_validity(mask) -> torch.Tensor | None:
     return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
 
 
-_LAYOUT_CACHE: list = [None, None, None]  # (position_ids, mask, layout) of the last forward
+# (position ids, mask, layout) of the last forward, held weakly so that no mask outlives its forward
+_LAYOUT_CACHE: list = [lambda: None, lambda: None, None]
 
 
 def _prefill_layout(pos: torch.Tensor, mask_valid: torch.Tensor | None, key: tuple):
@@ -103,7 +105,7 @@ def _prefill_layout(pos: torch.Tensor, mask_valid: torch.Tensor | None, key: tup
     positions, else ("general", valid). `key` (the position ids and mask objects of this forward) lets all
     layers of one forward share the result, which costs a host sync to compute."""
     c = _LAYOUT_CACHE
-    if c[0] is key[0] and c[1] is key[1] and key[0] is not None:
+    if key[0] is not None and c[0]() is key[0] and c[1]() is key[1]:
         return c[2]
     B, T = pos.shape
     t = torch.arange(T, device=pos.device)
@@ -114,7 +116,9 @@ def _prefill_layout(pos: torch.Tensor, mask_valid: torch.Tensor | None, key: tup
         layout = ("fast", None, None) if not bool(pad.any() or offset.any()) else ("fast", pad, offset)
     else:
         layout = ("general", valid)
-    c[0], c[1], c[2] = key[0], key[1], layout
+    c[0] = weakref.ref(key[0]) if key[0] is not None else (lambda: None)
+    c[1] = weakref.ref(key[1]) if isinstance(key[1], torch.Tensor) else (lambda: None)
+    c[2] = layout
     return layout
 
 
