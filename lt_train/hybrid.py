@@ -213,12 +213,35 @@ def convert_to_hybrid(model, cfg: HybridConfig):
     modules = _attention_modules(model)
     if len(modules) != config.num_hidden_layers:
         raise ValueError(f"found {len(modules)} attention modules for {config.num_hidden_layers} layers")
-    lazy = set(cfg.lazy_layers)
-    for m in modules:
-        m.lt_streaming = _LayerSpec(cfg.sink_tokens, cfg.window, cfg.backend) if m.layer_idx in lazy else None
     model.set_attn_implementation(name)
-    setattr(config, CONFIG_KEY, dict(cfg.to_dict(), lazy_layers=sorted(lazy), base_attention=base))
     model.generate = types.MethodType(_hybrid_generate, model)
+    set_lazy_layers(model, cfg, base)
+    return model
+
+
+def set_lazy_layers(model, cfg: HybridConfig, base: str | None = None) -> None:
+    """Change which layers of an already converted model are lazy (cheap: no weights move)."""
+    config = model.config.get_text_config(decoder=True)
+    cfg.validate(config.num_hidden_layers)
+    if base is None:
+        base = getattr(config, CONFIG_KEY)["base_attention"]
+    lazy = set(cfg.lazy_layers)
+    for m in _attention_modules(model):
+        m.lt_streaming = _LayerSpec(cfg.sink_tokens, cfg.window, cfg.backend) if m.layer_idx in lazy else None
+    setattr(config, CONFIG_KEY, dict(cfg.to_dict(), lazy_layers=sorted(lazy), base_attention=base))
+
+
+def revert_hybrid(model):
+    """Undo `convert_to_hybrid`: every layer back to the base attention; returns the model."""
+    config = model.config.get_text_config(decoder=True)
+    data = getattr(config, CONFIG_KEY, None)
+    if data is None:
+        return model
+    for m in _attention_modules(model):
+        m.__dict__.pop("lt_streaming", None)
+    model.set_attn_implementation(data["base_attention"])
+    delattr(config, CONFIG_KEY)
+    model.__dict__.pop("generate", None)
     return model
 
 

@@ -1,0 +1,267 @@
+"""Lazy-layer statistics and selection (LightTransfer-Train and baselines).
+
+The lazy ratio of a layer is the softmax attention mass that its last `last_queries` queries put on the sink
+keys (position < S) and the recent keys (i - j < W), averaged over heads and queries. It is computed from
+log-sum-exps, mass = exp(lse over the selected keys - lse over all keys), for the last queries only, so the
+extra memory is O(last_queries * T) per layer and the cost is close to one forward pass.
+"""
+from __future__ import annotations
+
+import math
+import random as _random
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+STRATEGIES = ("default", "nll", "ratio", "frequency", "random", "first", "last", "pyramid")
+DEFAULT_STRATEGY = "nll"  # measured best on SmolLM2 (README, benchmarks/selection_quality.py)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lazy ratio of one layer from its queries and keys
+
+
+def layer_lazy_ratio(q, k, valid, sink: int, recent: int, last_queries: int, scale: float | None = None):
+    """Per-head lazy ratio [B, Hq] for queries q [B, Hq, T, D] and keys k [B, Hkv, T, D] (after RoPE).
+
+    `valid` [B, T] marks real tokens (any padding pattern); positions count real tokens only. The last
+    `last_queries` real queries of each row are used; rows with fewer real tokens use all of theirs."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    rep = Hq // Hkv
+    scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    pos = valid.long().cumsum(-1) - 1  # position of each real token
+    n_real = valid.sum(-1)  # [B]
+    nq = min(last_queries, T)
+    # index of the r-th of the last nq real tokens of each row
+    want = (n_real[:, None] - nq + torch.arange(nq, device=q.device)).clamp(min=0)  # positions
+    q_valid = (n_real[:, None] - nq + torch.arange(nq, device=q.device)) >= 0
+    match = (pos[:, None, :] == want[:, :, None]) & valid[:, None, :]  # [B, nq, T]
+    qi = match.float().argmax(-1)  # [B, nq] cache index of those queries
+    qs = q.gather(2, qi[:, None, :, None].expand(B, Hq, nq, D))  # [B, Hq, nq, D]
+    # GQA without expanding K: fold the query heads of one KV head into the query axis
+    qs = qs.view(B, Hkv, rep * nq, D).float()
+    scores = torch.matmul(qs, k.float().transpose(-1, -2)) * scale  # [B, Hkv, rep*nq, T]
+    scores = scores.view(B, Hkv, rep, nq, T)
+    kp = pos[:, None, :]  # [B, 1, T]
+    qp = want[:, :, None]  # [B, nq, 1]
+    j = torch.arange(T, device=q.device)
+    allowed = valid[:, None, :] & (j[None, None, :] <= qi[:, :, None])  # causal + real keys
+    selected = allowed & ((kp < sink) | (qp - kp < recent))
+    ninf = float("-inf")
+    lse_all = scores.masked_fill(~allowed[:, None, None], ninf).logsumexp(-1)
+    lse_sel = scores.masked_fill(~selected[:, None, None], ninf).logsumexp(-1)
+    ratio = torch.exp(lse_sel - lse_all).nan_to_num(0.0)  # [B, Hkv, rep, nq]
+    w = q_valid[:, None, None, :].float()
+    per_head = (ratio * w).sum(-1) / w.sum(-1).clamp(min=1)
+    return per_head.reshape(B, Hq)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Probing a whole model: an attention function that records statistics and then runs the usual attention
+
+_PROBE_PREFIX = "lt_probe_"
+
+
+def _probe_attention(base: str):
+    def probe(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        rec = getattr(module, "_lt_probe", None)
+        if rec is not None:
+            rec(module.layer_idx, query, key, scaling)
+        from .hybrid import _base_attention
+
+        return _base_attention(base, module)(module, query, key, value, attention_mask, scaling=scaling,
+                                             dropout=dropout, **kwargs)
+
+    return probe
+
+
+def _register_probe(base: str) -> str:
+    name = _PROBE_PREFIX + base
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, _probe_attention(base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def _decoder(model):
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+
+
+@torch.no_grad()
+def lazy_ratios_per_head(model, input_ids, sink_tokens: int = 4, recent_tokens: int = 1020,
+                         last_queries: int = 64, attention_mask=None) -> torch.Tensor:
+    """[num_layers, num_heads] lazy ratios, averaged over the batch (see `layer_lazy_ratio`)."""
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    base = model.config._attn_implementation or "sdpa"
+    if base.startswith(("lt_hybrid_", _PROBE_PREFIX)):
+        raise ValueError("measure lazy ratios on the original model, before convert_to_hybrid")
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    out: dict[int, torch.Tensor] = {}
+
+    def record(layer_idx, q, k, scaling):
+        r = layer_lazy_ratio(q, k, valid.to(q.device), sink_tokens, recent_tokens, last_queries, scaling)
+        out[layer_idx] = r.mean(0).cpu()
+
+    model.set_attn_implementation(_register_probe(base))
+    try:
+        for m in modules:
+            m._lt_probe = record
+        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
+    finally:
+        for m in modules:
+            del m._lt_probe
+        model.set_attn_implementation(base)
+    return torch.stack([out[i] for i in sorted(out)])
+
+
+def lazy_ratios(model, input_ids, sink_tokens: int = 4, recent_tokens: int = 1020, last_queries: int = 64,
+                attention_mask=None) -> torch.Tensor:
+    """[num_layers] lazy ratio of each layer: the mean over heads of `lazy_ratios_per_head`."""
+    return lazy_ratios_per_head(model, input_ids, sink_tokens, recent_tokens, last_queries, attention_mask).mean(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Selection
+
+
+def resolve_num_lazy(num_lazy: int | float, num_layers: int) -> int:
+    """A count (int, or a whole float above 1 as Hydra may give) or a fraction of the layers in (0, 1]."""
+    if isinstance(num_lazy, bool) or not isinstance(num_lazy, (int, float)):
+        raise ValueError(f"num_lazy must be a count or a fraction, got {num_lazy!r}")
+    if isinstance(num_lazy, float) and not (num_lazy > 1 and num_lazy.is_integer()):
+        if not 0.0 < num_lazy <= 1.0:
+            raise ValueError(f"num_lazy as a fraction must be in (0, 1], got {num_lazy}")
+        return max(1, round(num_lazy * num_layers))
+    n = int(num_lazy)
+    if not 0 <= n <= num_layers:
+        raise ValueError(f"num_lazy={n} is out of range for a model with {num_layers} layers (0..{num_layers})")
+    return n
+
+
+def pyramid_layers(num_layers: int, n: int) -> list[int]:
+    """Lazy layers denser with depth, density rising linearly (the shape of PyramidKV's budgets: lower
+    layers keep more context). Quantiles of a density proportional to depth: layer = L * sqrt(u)."""
+    chosen: list[int] = []
+    for k in range(n):
+        i = min(num_layers - 1, int(num_layers * math.sqrt((k + 0.5) / n)))
+        while i in chosen:  # collisions near the top: take the next free layer below
+            i -= 1
+        chosen.append(i if i >= 0 else min(set(range(num_layers)) - set(chosen)))
+    return sorted(chosen)
+
+
+@dataclass
+class Selection:
+    layers: list[int]
+    strategy: str
+    num_layers: int
+    per_layer_ratio: list[float]  # mean over samples
+    per_head_ratio: list[list[float]]  # [layer][head], mean over samples
+    per_sample_ratio: list[list[float]]  # [sample][layer]
+    sample_lengths: list[int]
+    frequency: list[int] | None = None  # times each layer was among a sample's top-k laziest
+    delta_nll: list[float] | None = None  # per layer, converted alone (strategy "nll")
+    base_nll: float | None = None
+    short_samples: int = 0
+
+
+def _check_samples(samples) -> list[torch.Tensor]:
+    if not samples:
+        raise ValueError("no samples given for lazy-layer selection")
+    out = []
+    for n, s in enumerate(samples):
+        s = torch.as_tensor(s)
+        if s.ndim != 1 or s.numel() < 2:
+            raise ValueError(f"sample {n} must be a 1-D tensor of at least 2 token ids, got shape {tuple(s.shape)}")
+        out.append(s.long())
+    return out
+
+
+def select_lazy_layers(model, samples, num_lazy, strategy: str = "default", sink_tokens: int = 4,
+                       recent_tokens: int = 1020, last_queries: int = 64, seed: int = 0) -> list[int]:
+    """The `num_lazy` layers to make lazy (sorted), by `strategy` (see `STRATEGIES`)."""
+    return select_with_stats(model, samples, num_lazy, strategy, sink_tokens, recent_tokens, last_queries,
+                             seed).layers
+
+
+def select_with_stats(model, samples, num_lazy, strategy: str = "default", sink_tokens: int = 4,
+                      recent_tokens: int = 1020, last_queries: int = 64, seed: int = 0,
+                      nll_samples: int = 4, progress: bool = False) -> Selection:
+    """`select_lazy_layers` with every statistic it measured (for reports and lazy_layers.json)."""
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown selection strategy {strategy!r}; choose one of {STRATEGIES}")
+    strategy = DEFAULT_STRATEGY if strategy == "default" else strategy
+    samples = _check_samples(samples)
+    L = model.config.get_text_config(decoder=True).num_hidden_layers
+    n = resolve_num_lazy(num_lazy, L)
+    min_len = sink_tokens + recent_tokens + last_queries
+    short = sum(1 for s in samples if s.numel() <= min_len)
+    if short:
+        warnings.warn(f"{short} of {len(samples)} samples have T <= sink + recent + last_queries = {min_len} "
+                      "tokens: every key of their last queries is a sink or recent key, so their lazy ratio is "
+                      "1 for every layer and says nothing. Use longer samples or a smaller window.", stacklevel=2)
+
+    dev = next(model.parameters()).device
+    per_sample_heads = [
+        lazy_ratios_per_head(model, s.to(dev)[None], sink_tokens, recent_tokens, last_queries)
+        for s in tqdm(samples, desc="lazy ratios", disable=not progress)
+    ]
+    heads = torch.stack(per_sample_heads)  # [N, L, H]
+    per_sample = heads.mean(-1)  # [N, L]
+    mean_ratio = per_sample.mean(0)
+    sel = Selection([], strategy, L, mean_ratio.tolist(), heads.mean(0).tolist(), per_sample.tolist(),
+                    [s.numel() for s in samples], short_samples=short)
+    order_by_ratio = sorted(range(L), key=lambda i: -mean_ratio[i].item())
+    if strategy == "ratio":
+        layers = order_by_ratio[:n]
+    elif strategy == "frequency":
+        counts = [0] * L
+        for row in per_sample:
+            for i in row.topk(n).indices.tolist() if n else []:
+                counts[i] += 1
+        sel.frequency = counts
+        layers = sorted(range(L), key=lambda i: (-counts[i], -mean_ratio[i].item()))[:n]
+    elif strategy == "random":
+        layers = _random.Random(seed).sample(range(L), n)
+    elif strategy == "first":
+        layers = list(range(n))
+    elif strategy == "last":
+        layers = list(range(L - n, L))
+    elif strategy == "pyramid":
+        layers = pyramid_layers(L, n)
+    else:  # "nll": convert each layer alone and measure the damage directly
+        delta, base_nll = single_layer_delta_nll(model, samples[:nll_samples], sink_tokens, recent_tokens, progress)
+        sel.delta_nll, sel.base_nll = delta, base_nll
+        layers = sorted(range(L), key=lambda i: (delta[i], -mean_ratio[i].item()))[:n]
+    sel.layers = sorted(layers)
+    return sel
+
+
+def single_layer_delta_nll(model, samples, sink_tokens: int, window: int, progress: bool = False):
+    """Increase of the mean NLL on `samples` when each layer alone becomes a streaming layer."""
+    from tqdm.auto import tqdm
+
+    from .hybrid import HybridConfig, convert_to_hybrid, revert_hybrid, set_lazy_layers
+    from .nll import mean_nll
+
+    L = model.config.get_text_config(decoder=True).num_hidden_layers
+    base_nll = mean_nll(model, samples)
+    convert_to_hybrid(model, HybridConfig([], sink_tokens, window))
+    try:
+        delta = []
+        for i in tqdm(range(L), desc="single-layer NLL", disable=not progress):
+            set_lazy_layers(model, HybridConfig([i], sink_tokens, window))
+            delta.append(mean_nll(model, samples) - base_nll)
+    finally:
+        revert_hybrid(model)
+    return delta, base_nll
