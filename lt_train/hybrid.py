@@ -22,7 +22,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import BACKENDS, check_backend, positional_streaming_sdpa, streaming_attention
-from .cache import INVALID_POS, KV_META, HybridCache, contiguous_validity
+from .cache import INVALID_POS, KV_META, ONLINE, contiguous_validity, make_cache
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 CONFIG_KEY = "lt_hybrid"
@@ -37,6 +37,9 @@ class HybridConfig:
     sink_tokens: int = 4
     window: int = 1020
     backend: str = "auto"
+    # LightTransfer-Test: choose this many (or this fraction of) layers during each prefill instead
+    online_num_lazy: int | float | None = None
+    last_queries: int = 64  # queries whose attention decides online selection
 
     def validate(self, num_layers: int | None = None) -> None:
         if self.sink_tokens < 0:
@@ -51,6 +54,15 @@ class HybridConfig:
         dup = sorted({i for i in self.lazy_layers if self.lazy_layers.count(i) > 1})
         if dup:
             raise ValueError(f"lazy_layers has repeated indices {dup}")
+        if self.online_num_lazy is not None and self.lazy_layers:
+            raise ValueError("give either lazy_layers (chosen offline) or online_num_lazy (chosen during "
+                             "prefill), not both")
+        if self.last_queries < 1:
+            raise ValueError(f"last_queries must be >= 1, got {self.last_queries}")
+        if num_layers is not None and self.online_num_lazy is not None:
+            from .lazy import resolve_num_lazy
+
+            resolve_num_lazy(self.online_num_lazy, num_layers)
         if num_layers is not None:
             out = [i for i in self.lazy_layers if not 0 <= i < num_layers]
             if out:
@@ -155,13 +167,28 @@ def _streaming_forward(module, query, key, value, attention_mask, scaling, spec:
                                      k_valid, scaling)
 
 
+def _observe(online, module, query, key, attention_mask, kwargs, scaling) -> None:
+    B, _, Q, _ = query.shape
+    pos = kwargs.get("position_ids")
+    pos = torch.arange(Q, device=query.device)[None] if pos is None else pos
+    valid = _mask_key_validity(attention_mask)
+    valid = contiguous_validity(pos.expand(B, Q)) if valid is None else valid[:, -Q:]
+    online.observe(module.layer_idx, query, key, valid, pos, scaling)
+
+
 def _make_attention(base: str):
     def hybrid_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         spec = getattr(module, "lt_streaming", None)
+        meta = kwargs.get(KV_META)
+        if spec is None and meta is not None:  # a layer that online selection made lazy
+            spec = _LayerSpec(meta["sink"], meta["window"], "sdpa")
         if spec is None:
-            kwargs.pop(KV_META, None)
-            return _base_attention(base, module)(module, query, key, value, attention_mask, scaling=scaling,
-                                                 dropout=dropout, **kwargs)
+            online = kwargs.pop(ONLINE, None)
+            out = _base_attention(base, module)(module, query, key, value, attention_mask, scaling=scaling,
+                                                dropout=dropout, **kwargs)
+            if online is not None:
+                _observe(online, module, query, key, attention_mask, kwargs, scaling)
+            return out
         if dropout and module.training:
             raise NotImplementedError("attention dropout is not supported in streaming layers")
         out = _streaming_forward(module, query, key, value, attention_mask, scaling, spec, kwargs)
@@ -192,7 +219,7 @@ def _hybrid_generate(self, *args, **kwargs):
     gen_cfg = kwargs.get("generation_config") or self.generation_config
     wants_cache = kwargs.get("use_cache", gen_cfg.use_cache) is not False
     if kwargs.get("cache") is None and wants_cache and getattr(gen_cfg, "cache_implementation", None) is None:
-        kwargs["cache"] = HybridCache(self.config)
+        kwargs["cache"] = make_cache(self.config)
     return type(self).generate(self, *args, **kwargs)
 
 

@@ -48,8 +48,13 @@ def _reference_model_attention(module, query, key, value, attention_mask, scalin
     pos = kwargs["position_ids"].expand(B, T)
     idx = torch.arange(T).expand(B, T)
     spec = getattr(module, "lt_streaming", None)
-    sink, window = (spec.sink, spec.window) if spec is not None else (0, 1 << 40)
-    out = dense_streaming_reference(query, key, value, sink, window, pos, pos, idx, idx, valid, scaling)
+    full = dense_streaming_reference(query, key, value, 0, 1 << 40, pos, pos, idx, idx, valid, scaling)
+    out = full
+    if spec is not None:
+        out = dense_streaming_reference(query, key, value, spec.sink, spec.window, pos, pos, idx, idx, valid, scaling)
+        # online selection: queries before `ref_stream_from` (the prompt) were computed with full attention
+        start = kwargs.get("ref_stream_from", 0)
+        out = torch.where((idx < start)[:, None, :, None], full, out)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -57,17 +62,17 @@ AttentionInterface.register("lt_test_reference", _reference_model_attention)
 AttentionMaskInterface.register("lt_test_reference", sdpa_mask)
 
 
-def reference_logits(ref_model, input_ids, attention_mask):
+def reference_logits(ref_model, input_ids, attention_mask, **extra):
     """Logits of a full recompute over the whole sequence, positions as generate() makes them."""
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     return ref_model(input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False,
-                     ref_valid=attention_mask.bool()).logits
+                     ref_valid=attention_mask.bool(), **extra).logits
 
 
-def reference_greedy(ref_model, input_ids, attention_mask, steps):
+def reference_greedy(ref_model, input_ids, attention_mask, steps, **extra):
     ids, am = input_ids, attention_mask
     for _ in range(steps):
-        nxt = reference_logits(ref_model, ids, am)[:, -1].argmax(-1, keepdim=True)
+        nxt = reference_logits(ref_model, ids, am, **extra)[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], dim=1)
         am = torch.cat([am, torch.ones_like(nxt)], dim=1)
     return ids

@@ -1,0 +1,69 @@
+"""LightTransfer-Test: lazy layers chosen during prefill with a priority queue over layers."""
+import copy
+import heapq
+import types
+
+import pytest
+import torch
+
+from lt_train import HybridConfig, OnlineHybridCache, convert_to_hybrid
+from lt_train.cache import StreamingLayer
+from lt_train.lazy import lazy_ratios
+from lt_train.models import tiny_model
+from reference import reference_greedy
+
+S, W, LQ, L, N_LAZY = 2, 6, 8, 6, 3
+
+
+def _prompt():
+    ids = torch.randint(3, 128, (3, 36))
+    am = torch.ones_like(ids)
+    am[1, :4] = 0
+    am[2, :11] = 0
+    return ids.masked_fill(am == 0, 0), am
+
+
+def _simulate_queue(ratios, num_full):
+    queue, lazy, alive = [], [], 0
+    for i, r in enumerate(ratios.tolist()):
+        heapq.heappush(queue, (-r, i))
+        alive = max(alive, len(queue))
+        while len(queue) > num_full:
+            lazy.append(heapq.heappop(queue)[1])
+    return sorted(lazy), alive
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_online_selection_generates_and_matches_reference(arch):
+    model = tiny_model(arch, num_layers=L)
+    ref = copy.deepcopy(model)
+    ids, am = _prompt()
+    expected_lazy, expected_alive = _simulate_queue(lazy_ratios(model, ids, S, W, LQ, attention_mask=am), L - N_LAZY)
+
+    convert_to_hybrid(model, HybridConfig([], S, W, online_num_lazy=N_LAZY, last_queries=LQ))
+    out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                         eos_token_id=None, return_dict_in_generate=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    assert isinstance(cache, OnlineHybridCache)
+    assert cache.lazy_layers == expected_lazy
+    assert cache.max_full_alive == expected_alive <= (L - N_LAZY) + 1
+    for i, layer in enumerate(cache.layers):
+        assert isinstance(layer, StreamingLayer) == (i in expected_lazy)
+        if i in expected_lazy:
+            assert layer.keys.shape[2] == S + W - 1
+    assert cache.peak_nbytes > cache.nbytes()["total"]
+
+    # reference: full attention over the prompt everywhere, streaming for generated tokens in the chosen layers
+    ref.set_attn_implementation("lt_test_reference")
+    for m in ref.modules():
+        if hasattr(m, "q_proj"):
+            m.lt_streaming = types.SimpleNamespace(sink=S, window=W) if m.layer_idx in expected_lazy else None
+    expected = reference_greedy(ref, ids, am, 8, ref_stream_from=ids.shape[1])
+    assert torch.equal(out.sequences, expected)
+
+
+def test_online_config_errors():
+    with pytest.raises(ValueError, match="not both"):
+        convert_to_hybrid(tiny_model("llama"), HybridConfig([1], online_num_lazy=2))
+    with pytest.raises(ValueError, match="out of range"):
+        convert_to_hybrid(tiny_model("llama"), HybridConfig([], online_num_lazy=9))
