@@ -127,3 +127,38 @@ def tiny_model(arch: str = "llama", num_layers: int = 4, seed: int = 0, attn_imp
     torch.manual_seed(seed)
     cfg = tiny_config(arch, num_layers, **overrides)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation).eval()
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer that fits the tiny models' 128-token vocabulary, with a chat template.
+
+    Ids 0-3 are <pad>, <s>, </s>, <unk>; then printable ASCII and newline. For tests and smoke runs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {c: i + 4 for i, c in enumerate(chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()  # join characters back without spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.chat_template = (
+        "{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<a>{% endif %}"
+    )
+    return fast
+
+
+def load_from_config(mcfg):
+    """(model, tokenizer) from a Hydra `model` config (conf/model/*.yaml)."""
+    dtype = getattr(torch, mcfg.get("dtype", "float32"))
+    if mcfg["name"] == "tiny":
+        model = tiny_model(mcfg.get("arch", "llama"), int(mcfg.get("num_layers", 4)), int(mcfg.get("seed", 0)),
+                           mcfg.get("attn_implementation", "sdpa"))
+        return model.to(dtype), tiny_tokenizer()
+    model = load_model(mcfg["name"], dtype=dtype, trust_remote_code=bool(mcfg.get("trust_remote_code", False)),
+                       revision=mcfg.get("revision"), attn_implementation=mcfg.get("attn_implementation", "sdpa"))
+    tok = load_tokenizer(mcfg["name"], trust_remote_code=bool(mcfg.get("trust_remote_code", False)),
+                         revision=mcfg.get("revision"))
+    return model.eval(), tok

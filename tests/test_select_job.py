@@ -1,0 +1,55 @@
+"""The `launch/select_lazy.py` job, through Hydra's compose API and once as a real command."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from lt_train.select_job import run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONF = os.path.join(ROOT, "conf")
+TINY = ["model=tiny", "data=demo", "data.num_samples=3", "data.max_length=1500", "lazy.recent_tokens=32",
+        "lazy.last_queries=8", "lazy.nll_samples=2"]
+
+
+def _cfg(overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("select_lazy", overrides=overrides)
+
+
+@pytest.mark.parametrize("strategy", ["default", "frequency"])
+def test_selection_job_writes_json_and_chart(tmp_path, strategy):
+    res = run(_cfg(TINY + [f"lazy.strategy={strategy}", f"output_dir={tmp_path}"]))
+    data = json.loads((tmp_path / "lazy_layers.json").read_text())
+    assert data["lazy_layers"] == res["lazy_layers"] and len(data["lazy_layers"]) == 2
+    assert len(data["per_layer_ratio"]) == 4 and len(data["per_head_ratio"][0]) == 4
+    assert len(data["per_sample"]) == 3 and data["data"]["used"] == 3 and data["model"]["name"] == "tiny"
+    assert (tmp_path / "lazy_ratios.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_selection_job_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="out of range"):
+        run(_cfg(TINY + ["lazy.num_lazy=9", f"output_dir={tmp_path}"]))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(_cfg(["model=smollm2-135m", "model.name=/nonexistent/model", f"output_dir={tmp_path}"]))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="no examples left"):
+        run(_cfg(TINY[:1] + ["data=jsonl", f"data.path={empty}", f"output_dir={tmp_path}"]))
+
+
+def test_short_samples_are_reported(tmp_path):
+    with pytest.warns(UserWarning, match="3 of 3 samples have T <="):
+        res = run(_cfg(TINY + ["lazy.recent_tokens=2000", "lazy.strategy=ratio", f"output_dir={tmp_path}"]))
+    assert res["short_samples"] == 3
+
+
+def test_command_line_entry_point(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "select_lazy.py"), *TINY, "lazy.strategy=ratio",
+           f"output_dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "lazy_layers.json").read_text())["strategy"] == "ratio"
