@@ -99,12 +99,16 @@ def _base_attention(base: str, module):
 
 
 def _mask_key_validity(mask) -> torch.Tensor | None:
-    """[B, KV] bool: which cache indices are real tokens, read from whatever mask the base produced."""
+    """[B, KV] bool: which cache indices are real tokens, read from whatever mask the base produced.
+
+    With as many queries as keys the diagonal says it (a real token always sees itself, packed rows
+    included); with a cache, the last query row does (it sees every earlier real token)."""
     if not isinstance(mask, torch.Tensor):
         return None  # None (no padding) or a flex BlockMask
     if mask.ndim == 2:
         return mask.bool()
-    row = mask[:, 0, -1, :]  # the last query sees every earlier real token
+    m = mask[:, 0]
+    row = m.diagonal(dim1=-2, dim2=-1) if m.shape[-1] == m.shape[-2] else m[:, -1, :]
     return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
 
 
@@ -114,20 +118,24 @@ _LAYOUT_CACHE: list = [lambda: None, lambda: None, None]
 
 def _prefill_layout(pos: torch.Tensor, mask_valid: torch.Tensor | None, key: tuple):
     """For keys == queries: ("fast", pad, offset) when each row is padding followed by one contiguous run of
-    positions, else ("general", valid). `key` (the position ids and mask objects of this forward) lets all
-    layers of one forward share the result, which costs a host sync to compute."""
+    positions, ("packed", pos) for rows of several documents without padding, else ("general", valid).
+    `key` (the position ids and mask objects of this forward) lets all layers of one forward share the
+    result, which costs a host sync to compute."""
     c = _LAYOUT_CACHE
     if key[0] is not None and c[0]() is key[0] and c[1]() is key[1]:
         return c[2]
     B, T = pos.shape
     t = torch.arange(T, device=pos.device)
-    offset = (T - 1) - pos[:, -1]
-    valid = contiguous_validity(pos) if mask_valid is None else mask_valid[:, -T:] & (pos == t - offset[:, None])
-    pad = valid.to(torch.int8).argmax(1)
-    if bool((valid == (t[None] >= pad[:, None])).all()):
+    offset = (T - 1) - pos[:, -1]  # position = index - offset on the row's last run
+    contiguous = pos == t - offset[:, None]
+    real = torch.ones_like(pos, dtype=torch.bool) if mask_valid is None else mask_valid[:, -T:]
+    pad = real.to(torch.int8).argmax(1)
+    if bool((real == (t[None] >= pad[:, None])).all()) and bool((~real | contiguous).all()):
         layout = ("fast", None, None) if not bool(pad.any() or offset.any()) else ("fast", pad, offset)
+    elif bool(real.all()):
+        layout = ("packed", pos)  # several documents per row, positions restarting at each
     else:
-        layout = ("general", valid)
+        layout = ("general", real)
     c[0] = weakref.ref(key[0]) if key[0] is not None else (lambda: None)
     c[1] = weakref.ref(key[1]) if isinstance(key[1], torch.Tensor) else (lambda: None)
     c[2] = layout
@@ -148,6 +156,9 @@ def _streaming_forward(module, query, key, value, attention_mask, scaling, spec:
         if layout[0] == "fast":
             return streaming_attention(query, key, value, spec.sink, spec.window, scaling, spec.backend,
                                        pad=layout[1], offset=layout[2])
+        if layout[0] == "packed":
+            return streaming_attention(query, key, value, spec.sink, spec.window, scaling, spec.backend,
+                                       doc_pos=layout[1])
         idx = torch.arange(K, device=dev).expand(B, K)
         k_pos, k_idx, q_idx, k_valid = pos, idx, idx, layout[1]
     elif meta is None:  # a full-history cache (e.g. the default DynamicCache): positions are contiguous

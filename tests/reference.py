@@ -1,7 +1,8 @@
 """Independent references for the tests: plain softmax attention with an explicit boolean mask.
 
 Nothing here calls lt_train's kernels; the mask is written out from the definition:
-query i sees key j iff j is a real token, idx_j <= idx_i and (pos_j < S or pos_i - pos_j < W).
+query i sees key j iff j is a real token of the same document (idx - pos equal), idx_j <= idx_i and
+(pos_j < S or pos_i - pos_j < W).
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ def dense_streaming_reference(q, k, v, sink, window, q_pos, k_pos, q_idx, k_idx,
     k = k.repeat_interleave(rep, dim=1).float()
     v = v.repeat_interleave(rep, dim=1).float()
     scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), k) * scale
+    same_doc = (k_idx - k_pos)[:, None, :] == (q_idx - q_pos)[:, :, None]  # packed documents
     allowed = (
         k_valid[:, None, :]
+        & same_doc
         & (k_idx[:, None, :] <= q_idx[:, :, None])
         & ((k_pos[:, None, :] < sink) | (q_pos[:, :, None] - k_pos[:, None, :] < window))
     )

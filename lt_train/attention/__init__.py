@@ -8,7 +8,7 @@ Backends behind `streaming_attention`:
   backward, any padding). The default wherever flash-attn is not usable.
 - `flex`: torch FlexAttention with a block mask (compiled; forward only on CPU).
 - `flash_attn`: flash-attn's sliding window plus sinks merged through the log-sum-exp (CUDA, fp16/bf16,
-  unpadded batches; padded batches go to `sdpa`).
+  unpadded, unpacked batches; padded and packed batches go to `sdpa`).
 - `auto`: `flash_attn` where usable, else `sdpa`.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from . import flash as _flash
 from .flex import flex_streaming
-from .sdpa import chunked_streaming_sdpa, positional_streaming_sdpa
+from .sdpa import chunked_streaming_sdpa, packed_streaming_sdpa, positional_streaming_sdpa
 
 BACKENDS = ("auto", "sdpa", "flex", "flash_attn")
 
@@ -54,17 +54,24 @@ def streaming_attention(
     backend: str = "auto",
     pad: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
+    doc_pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Streaming attention over one contiguous run of tokens per row.
+    """Streaming attention over one contiguous run of tokens per row, or over packed documents.
 
     q [B, Hq, T, D]; k, v [B, Hkv, T, D] with Hq a multiple of Hkv (GQA without expanding K/V).
     pad [B] (optional): keys before this index are padding. offset [B] (optional): the position of the
     token at index t is t - offset[b] (left padding with position ids that start at each row's first
-    real token). Returns [B, Hq, T, D]. Padding queries attend to themselves only (finite, ignorable).
+    real token). doc_pos [B, T] (optional, packed rows): positions restarting at 0 at each document;
+    attention stays inside documents and each document has its own sinks. Returns [B, Hq, T, D]. Padding
+    queries attend to themselves only (finite, ignorable).
     """
     if sink < 0 or window < 1:
         raise ValueError(f"need sink >= 0 and window >= 1, got sink={sink}, window={window}")
-    chosen = resolve_backend(backend, q, padded=pad is not None or offset is not None)
+    chosen = resolve_backend(backend, q, padded=pad is not None or offset is not None or doc_pos is not None)
+    if doc_pos is not None:
+        if chosen == "flex":
+            return flex_streaming(q, k, v, sink, window, scale, doc_pos=doc_pos)
+        return packed_streaming_sdpa(q, k, v, sink, window, doc_pos, scale)
     if chosen == "sdpa":
         return chunked_streaming_sdpa(q, k, v, sink, window, scale, pad, offset)
     if chosen == "flex":

@@ -19,10 +19,20 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _block_mask(T: int, sink: int, window: int, device, pad: torch.Tensor | None, offset: torch.Tensor | None):
+def _block_mask(T: int, sink: int, window: int, device, pad: torch.Tensor | None, offset: torch.Tensor | None,
+                doc_pos: torch.Tensor | None = None):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    if pad is None:
+    if doc_pos is not None:  # packed rows: documents where index - position is constant
+        key = (T, sink, window, str(device), "docs", hash(doc_pos.cpu().numpy().tobytes()))
+        start = torch.arange(T, device=device)[None] - doc_pos
+
+        def mask_mod(b, h, qi, kv):
+            same = start[b, qi] == start[b, kv]
+            return same & (kv <= qi) & ((doc_pos[b, kv] < sink) | (qi - kv < window))
+
+        batch = doc_pos.shape[0]
+    elif pad is None:
         key = (T, sink, window, str(device))
 
         def mask_mod(b, h, qi, kv):
@@ -54,15 +64,16 @@ def flex_streaming(
     scale: float | None = None,
     pad: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
+    doc_pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as `sdpa.chunked_streaming_sdpa`."""
+    """Same contract as `sdpa.chunked_streaming_sdpa`, or `sdpa.packed_streaming_sdpa` with `doc_pos`."""
     if pad is not None and offset is None:
         offset = torch.zeros_like(pad)
     if offset is not None and pad is None:
         pad = torch.zeros_like(offset)
     if not torch.is_grad_enabled():  # inference: do not let requires_grad inputs trip the CPU check
         q, k, v = q.detach(), k.detach(), v.detach()
-    bm = _block_mask(q.shape[2], sink, window, q.device, pad, offset)
+    bm = _block_mask(q.shape[2], sink, window, q.device, pad, offset, doc_pos)
     if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         raise RuntimeError(
             "FlexAttention has no backward pass on CPU; use backend='sdpa' for training on CPU."

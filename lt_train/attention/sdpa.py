@@ -152,14 +152,16 @@ def positional_streaming_sdpa(
     """General streaming attention over keys given with explicit metadata.
 
     q [B, Hq, Q, D]; k/v [B, Hkv, K, D]; q_pos/q_idx [B, Q]; k_pos/k_idx/k_valid [B, K]. `*_pos` are
-    position ids (sinks and window are measured on them), `*_idx` are cache indices (causality)."""
+    position ids (sinks and window are measured on them), `*_idx` are cache indices (causality). A query and
+    a key belong to the same document when index - position agree; attention never crosses documents."""
     gqa = q.shape[1] != k.shape[1]
     outs = []
     for s in range(0, q.shape[2], q_chunk):
         qp = q_pos[:, s : s + q_chunk, None]
         qi = q_idx[:, s : s + q_chunk, None]
         kp, ki = k_pos[:, None, :], k_idx[:, None, :]
-        allowed = k_valid[:, None, :] & (ki <= qi) & ((kp < sink) | (qp - kp < window))
+        same_doc = (ki - kp) == (qi - qp)  # a document is a run where index - position is constant
+        allowed = k_valid[:, None, :] & (ki <= qi) & same_doc & ((kp < sink) | (qp - kp < window))
         # A query without any allowed key (padding) attends to itself: finite output, no NaN gradients.
         allowed = allowed | (~allowed.any(-1, keepdim=True) & (ki == qi))
         outs.append(
@@ -168,3 +170,80 @@ def positional_streaming_sdpa(
             )
         )
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+
+def packed_streaming_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: int,
+    window: int,
+    pos: torch.Tensor,
+    scale: float | None = None,
+    block: int = DEFAULT_BLOCK,
+) -> torch.Tensor:
+    """Streaming attention over packed rows: several documents per row, `pos` [B, T] restarting at 0 at each
+    document. Attention never crosses documents, and the sinks of a query are the first S tokens of its own
+    document. Same blocking as `chunked_streaming_sdpa`; each block gathers the sinks of every document that
+    its queries belong to."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    dev = q.device
+    W = min(window, T)
+    block = min(block, T)
+    nblk = (T + block - 1) // block
+    Tp = nblk * block
+    L = block + W - 1
+    t = torch.arange(T, device=dev)
+    start = t[None] - pos  # index where each token's document starts  [B, T]
+    new_doc = torch.ones_like(pos, dtype=torch.bool)
+    new_doc[:, 1:] = start[:, 1:] != start[:, :-1]
+    doc = new_doc.long().cumsum(1) - 1  # document number of each token  [B, T]
+    ndocs = int(doc[:, -1].max()) + 1
+    # where each document starts: negative for a row that begins in the middle of a document
+    doc_start = torch.full((B, ndocs + 1), T, dtype=torch.long, device=dev)
+    doc_start.scatter_(1, torch.where(new_doc, doc, ndocs), start)
+    doc_start[:, ndocs] = T
+
+    qi, kj = _block_index_grids(T, W, block, dev)  # [n, bq], [n, L]
+    qc = qi.clamp(max=T - 1)
+    q_start = start.gather(1, qc.reshape(1, -1).expand(B, -1)).view(B, nblk, block)
+    in_range = qi < T
+    # window part: same document, 0 <= i - j < W
+    kjc = kj.clamp(0, T - 1)
+    k_start = start.gather(1, kjc.reshape(1, -1).expand(B, -1)).view(B, nblk, 1, L)
+    i, j = qi[None, :, :, None], kj[None, :, None, :]
+    win = (j >= 0) & (j <= i) & (i - j < W) & (k_start == q_start[..., None])
+    win = win | (~in_range[None, :, :, None] & (j == i))  # tail of the last block: itself only
+    masks, ks, vs = [win], [], []
+    if sink > 0:
+        first = doc.gather(1, qc[:, 0][None].expand(B, -1))  # first document of each block  [B, n]
+        last = doc.gather(1, qc[:, -1][None].expand(B, -1))
+        nd = int((last - first).max()) + 1  # documents per block, at most
+        d = (first[..., None] + torch.arange(nd, device=dev)).clamp(max=ndocs)  # [B, n, nd]
+        s_idx = doc_start.gather(1, d.view(B, -1)).view(B, nblk, nd, 1) + torch.arange(sink, device=dev)
+        s_idx = s_idx.view(B, nblk, nd * sink)  # [B, n, nd*S] key indices of those sinks
+        # a document shorter than S would lend its neighbour's first tokens: keep only keys of its own
+        own = torch.arange(sink, device=dev).repeat(nd)
+        s_c = s_idx.clamp(0, T - 1)
+        s_ok = (s_idx >= 0) & (s_idx < T) & (pos.gather(1, s_c.view(B, -1)).view(B, nblk, -1) == own)
+        s_start = start.gather(1, s_c.view(B, -1)).view(B, nblk, 1, nd * sink)
+        s_pos = pos.gather(1, s_c.view(B, -1)).view(B, nblk, 1, nd * sink)
+        si = s_idx[:, :, None, :]
+        sm = (s_ok[:, :, None, :] & (s_start == q_start[..., None]) & (s_pos < sink) & (si <= i) & (i - si >= W)
+              & in_range[None, :, :, None])
+        masks.insert(0, sm)
+        gidx = s_c.view(B, 1, -1, 1).expand(B, Hkv, nblk * nd * sink, D)
+        ks.append(k.gather(2, gidx).view(B, Hkv, nblk, nd * sink, D).transpose(1, 2))
+        vs.append(v.gather(2, gidx).view(B, Hkv, nblk, nd * sink, D).transpose(1, 2))
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:
+        xp = F.pad(x, (0, 0, W - 1, Tp - T))
+        return xp.unfold(2, L, block).permute(0, 2, 1, 4, 3)
+
+    kb = torch.cat(ks + [blocks(k)], dim=3).reshape(B * nblk, Hkv, -1, D)
+    vb = torch.cat(vs + [blocks(v)], dim=3).reshape(B * nblk, Hkv, -1, D)
+    mask = _additive(torch.cat(masks, dim=-1), q.dtype).reshape(B * nblk, 1, block, -1)
+    qb = F.pad(q, (0, 0, 0, Tp - T)).view(B, Hq, nblk, block, D).transpose(1, 2).reshape(B * nblk, Hq, block, D)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+    return out.view(B, nblk, Hq, block, D).transpose(1, 2).reshape(B, Hq, Tp, D)[:, :, :T]
