@@ -92,19 +92,34 @@ def read_hub(dataset_id: str, split: str = "train", revision: str | None = None,
     return list(datasets.load_dataset(dataset_id, subset, split=split, revision=revision))
 
 
+def _text(row: dict, column):
+    """A column's value; a list of columns is joined with blank lines, a list value (s1K) likewise."""
+    if isinstance(column, (list, tuple)):
+        parts = [_text(row, c) for c in column]
+        return "\n\n".join(p for p in parts if p) if all(isinstance(p, str) for p in parts) else None
+    v = row.get(column)
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return "\n\n".join(v)
+    return v
+
+
 def to_examples(rows: list[dict], columns: dict, source: str, on_error: str = "raise",
                 report: LoadReport | None = None) -> list[Example]:
-    """Map rows to `Example`s; `columns` maps question / response / system / answer / id to column names."""
+    """Map rows to `Example`s; `columns` maps question / response / thinking / system / answer / id to column
+    names (a list of names joins those columns)."""
     need = {k: columns[k] for k in ("question", "response") if columns.get(k)}
     if len(need) < 2:
         raise ValueError(f"data.columns must name the 'question' and 'response' columns, got {dict(columns)}")
     if rows:
-        missing = [c for c in need.values() if c not in rows[0]]
+        named = [c for v in columns.values() if v for c in (v if isinstance(v, (list, tuple)) else [v])]
+        missing = [c for c in named if c not in rows[0]]
         if missing:
             raise ValueError(f"{source}: missing column(s) {missing}; available: {sorted(rows[0])}")
     out = []
     for n, row in enumerate(rows, 1):
-        vals = {k: row.get(c) for k, c in columns.items() if c}
+        vals = {k: _text(row, c) for k, c in columns.items() if c}
+        if vals.get("thinking"):  # a separate reasoning column goes inside <think> tags, as QwQ / R1 write it
+            vals["response"] = f"<think>\n{vals['thinking']}\n</think>\n\n{vals.get('response') or ''}"
         bad = [columns[k] for k in ("question", "response") if not isinstance(vals.get(k), str) or not vals[k]]
         if bad:
             msg = f"{source}, row {n}: column(s) {bad} missing, empty or not text"

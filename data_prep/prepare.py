@@ -1,0 +1,29 @@
+"""Tokenise and cache a dataset, print and plot its statistics:
+python data_prep/prepare.py data=<demo|long_cot_local|jsonl|still_long_cot|limo|s1k> model=<name>"""
+import os
+import sys
+from dataclasses import asdict
+
+import hydra
+from omegaconf import DictConfig
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lt_train.data.prepare import plot_lengths, prepare, summary  # noqa: E402
+from lt_train.io import atomic_write_json  # noqa: E402
+from lt_train.models import load_tokenizer, tiny_tokenizer  # noqa: E402
+
+
+@hydra.main(config_path="../conf", config_name="prepare", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    name = cfg.model.name
+    tok = tiny_tokenizer() if name == "tiny" else load_tokenizer(name, revision=cfg.model.get("revision"))
+    ds, stats, path = prepare(cfg.data, tok, name, cfg.cache_dir, progress=True)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    plot_lengths(os.path.join(cfg.output_dir, "lengths.png"), stats, cfg.data.get("max_length"), cfg.data.name)
+    atomic_write_json(os.path.join(cfg.output_dir, "stats.json"), {**asdict(stats), "cache": path})
+    print(summary(stats))
+    print(f"cache: {path}\nwritten: {cfg.output_dir}/lengths.png, {cfg.output_dir}/stats.json")
+
+
+if __name__ == "__main__":
+    main()
