@@ -53,3 +53,21 @@ def test_command_line_entry_point(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "lazy_layers.json").read_text())["strategy"] == "ratio"
+
+
+def test_wandb_offline_run_records_the_selection(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run(_cfg(TINY + ["lazy.strategy=ratio", "logging.wandb=true", f"output_dir={tmp_path}"]))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_prepare_command_line(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "data_prep", "prepare.py"), "model=tiny", "data=demo",
+           "data.num_samples=4", f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "examples: 4" in proc.stdout
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["examples"] == 4 and (tmp_path / "out" / "lengths.png").exists()

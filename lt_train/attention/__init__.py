@@ -9,7 +9,7 @@ Backends behind `streaming_attention`:
 - `flex`: torch FlexAttention with a block mask (compiled; forward only on CPU).
 - `flash_attn`: flash-attn's sliding window plus sinks merged through the log-sum-exp (CUDA, fp16/bf16,
   unpadded, unpacked batches; padded and packed batches go to `sdpa`).
-- `auto`: `flash_attn` where usable, else `sdpa`.
+- `auto`: `flash_attn` where usable; packed rows on GPU: `flex`; else `sdpa`.
 """
 from __future__ import annotations
 
@@ -35,12 +35,14 @@ def check_backend(name: str) -> None:
         )
 
 
-def resolve_backend(name: str, q: torch.Tensor, padded: bool) -> str:
+def resolve_backend(name: str, q: torch.Tensor, padded: bool, packed: bool = False) -> str:
     if name == "auto":
+        if packed and q.is_cuda:
+            return "flex"  # per-document sinks: a block mask on GPU, forward and backward
         usable = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash.is_available()
-        return "flash_attn" if usable and not padded else "sdpa"
-    if name == "flash_attn" and padded:
-        return "sdpa"  # flash-attn's dense API has no per-row sinks; see flash.py
+        return "flash_attn" if usable and not (padded or packed) else "sdpa"
+    if name == "flash_attn" and (padded or packed):
+        return "sdpa"  # flash-attn's dense API has no per-row or per-document sinks; see flash.py
     return name
 
 
@@ -67,7 +69,7 @@ def streaming_attention(
     """
     if sink < 0 or window < 1:
         raise ValueError(f"need sink >= 0 and window >= 1, got sink={sink}, window={window}")
-    chosen = resolve_backend(backend, q, padded=pad is not None or offset is not None or doc_pos is not None)
+    chosen = resolve_backend(backend, q, padded=pad is not None or offset is not None, packed=doc_pos is not None)
     if doc_pos is not None:
         if chosen == "flex":
             return flex_streaming(q, k, v, sink, window, scale, doc_pos=doc_pos)
