@@ -84,7 +84,7 @@ def main() -> None:
 
     print(f"\nmodel={args.model} tokens/sample={args.length} S={S} W={W} lazy={args.fraction:.0%} "
           f"calibration={args.calib} held-out={args.heldout} full-model NLL={full:.4f}")
-    print(f"| strategy | held-out NLL increase |\n|---|---:|")
+    print("| strategy | held-out NLL increase |\n|---|---:|")
     for strategy, d, _, _ in rows:
         name = f"{strategy} (default)" if strategy == "nll" else strategy
         print(f"| {name} | {d:+.4f} |")

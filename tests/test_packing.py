@@ -1,7 +1,5 @@
 """Packed batches: attention stays inside documents, each document has its own sinks, and the loss equals
 the token-weighted loss of the documents run one by one."""
-import copy
-import types
 
 import pytest
 import torch

@@ -9,6 +9,8 @@ import functools
 
 import torch
 
+from .sdpa import complete_padding
+
 _BLOCK_MASKS: dict[tuple, object] = {}
 
 
@@ -67,10 +69,7 @@ def flex_streaming(
     doc_pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as `sdpa.chunked_streaming_sdpa`, or `sdpa.packed_streaming_sdpa` with `doc_pos`."""
-    if pad is not None and offset is None:
-        offset = torch.zeros_like(pad)
-    if offset is not None and pad is None:
-        pad = torch.zeros_like(offset)
+    pad, offset = complete_padding(pad, offset)
     if not torch.is_grad_enabled():  # inference: do not let requires_grad inputs trip the CPU check
         q, k, v = q.detach(), k.detach(), v.detach()
     bm = _block_mask(q.shape[2], sink, window, q.device, pad, offset, doc_pos)

@@ -62,6 +62,35 @@ def _masks(
     return (sm.unsqueeze(2) if sm is not None else None), win.unsqueeze(2), sink_idx
 
 
+def complete_padding(pad, offset):
+    """Backends take padding as both `pad` and `offset` or neither; fill the missing one with zeros."""
+    if pad is not None and offset is None:
+        offset = torch.zeros_like(pad)
+    if offset is not None and pad is None:
+        pad = torch.zeros_like(offset)
+    return pad, offset
+
+
+def _window_blocks(x: torch.Tensor, W: int, block: int, Tp: int) -> torch.Tensor:
+    """[B, H, T, D] -> [B, n, H, block + W - 1, D]: the keys that can fall in each query block's window."""
+    xp = F.pad(x, (0, 0, W - 1, Tp - x.shape[2]))
+    return xp.unfold(2, block + W - 1, block).permute(0, 2, 1, 4, 3)
+
+
+def _blocked_sdpa(q, kb, vb, mask, scale, block: int) -> torch.Tensor:
+    """Fold the query blocks into the batch and run one SDPA call: 4-D inputs reach the fused (flash)
+    kernels, 5-D ones fall back to the slow math path on CPU. kb/vb [B, n, Hkv, K, D], mask [B*n, 1, bq, K]."""
+    B, Hq, T, D = q.shape
+    nblk = kb.shape[1]
+    Tp = nblk * block
+    n = B * nblk
+    qb = F.pad(q, (0, 0, 0, Tp - T)).view(B, Hq, nblk, block, D).transpose(1, 2).reshape(n, Hq, block, D)
+    kb = kb.reshape(n, kb.shape[2], -1, D)
+    vb = vb.reshape(n, vb.shape[2], -1, D)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=Hq != kb.shape[1])
+    return out.view(B, nblk, Hq, block, D).transpose(1, 2).reshape(B, Hq, Tp, D)[:, :, :T]
+
+
 def chunked_streaming_sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -81,15 +110,11 @@ def chunked_streaming_sdpa(
     if pad is None and offset is None and window >= T:
         # The window covers every key: plain causal attention.
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    if pad is not None and offset is None:
-        offset = torch.zeros_like(pad)
-    if offset is not None and pad is None:
-        pad = torch.zeros_like(offset)
+    pad, offset = complete_padding(pad, offset)
     W = min(window, T)  # a window longer than the sequence is the same as W = T
     block = min(block, T)
     nblk = (T + block - 1) // block
     Tp = nblk * block
-    L = block + W - 1
 
     if pad is None:  # the mask depends on shapes only: build it once per shape
         key = (B, T, sink, W, block, q.device, q.dtype)
@@ -101,25 +126,14 @@ def chunked_streaming_sdpa(
     else:
         mask, sink_idx = _sdpa_mask(B, T, sink, W, block, q.device, q.dtype, pad, offset)
 
-    def blocks(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, D] -> [B, n, H, L, D] window keys per block
-        xp = F.pad(x, (0, 0, W - 1, Tp - T))
-        return xp.unfold(2, L, block).permute(0, 2, 1, 4, 3)
-
-    kb, vb = blocks(k), blocks(v)
+    kb, vb = _window_blocks(k, W, block, Tp), _window_blocks(v, W, block, Tp)
     if sink_idx is not None:
         idx = sink_idx.clamp(0, T - 1)[:, None, :, None].expand(B, Hkv, sink, D)
         ks = k.gather(2, idx).unsqueeze(1).expand(B, nblk, Hkv, sink, D)
         vs = v.gather(2, idx).unsqueeze(1).expand(B, nblk, Hkv, sink, D)
         kb = torch.cat([ks, kb], dim=3)
         vb = torch.cat([vs, vb], dim=3)
-    # Fold the blocks into the batch: 4-D inputs reach the fused (flash) SDPA kernels, 5-D ones fall back to
-    # the slow math path on CPU.
-    n = B * nblk
-    qb = F.pad(q, (0, 0, 0, Tp - T)).view(B, Hq, nblk, block, D).transpose(1, 2).reshape(n, Hq, block, D)
-    kb = kb.reshape(n, Hkv, -1, D)
-    vb = vb.reshape(n, Hkv, -1, D)
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out.view(B, nblk, Hq, block, D).transpose(1, 2).reshape(B, Hq, Tp, D)[:, :, :T]
+    return _blocked_sdpa(q, kb, vb, mask, scale, block)
 
 
 def _sdpa_mask(B, T, sink, W, block, device, dtype, pad, offset):
@@ -237,13 +251,7 @@ def packed_streaming_sdpa(
         ks.append(k.gather(2, gidx).view(B, Hkv, nblk, nd * sink, D).transpose(1, 2))
         vs.append(v.gather(2, gidx).view(B, Hkv, nblk, nd * sink, D).transpose(1, 2))
 
-    def blocks(x: torch.Tensor) -> torch.Tensor:
-        xp = F.pad(x, (0, 0, W - 1, Tp - T))
-        return xp.unfold(2, L, block).permute(0, 2, 1, 4, 3)
-
-    kb = torch.cat(ks + [blocks(k)], dim=3).reshape(B * nblk, Hkv, -1, D)
-    vb = torch.cat(vs + [blocks(v)], dim=3).reshape(B * nblk, Hkv, -1, D)
+    kb = torch.cat(ks + [_window_blocks(k, W, block, Tp)], dim=3)
+    vb = torch.cat(vs + [_window_blocks(v, W, block, Tp)], dim=3)
     mask = _additive(torch.cat(masks, dim=-1), q.dtype).reshape(B * nblk, 1, block, -1)
-    qb = F.pad(q, (0, 0, 0, Tp - T)).view(B, Hq, nblk, block, D).transpose(1, 2).reshape(B * nblk, Hq, block, D)
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
-    return out.view(B, nblk, Hq, block, D).transpose(1, 2).reshape(B, Hq, Tp, D)[:, :, :T]
+    return _blocked_sdpa(q, kb, vb, mask, scale, block)
