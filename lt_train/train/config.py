@@ -1,0 +1,64 @@
+"""Checks on a training config that fail before any heavy work, naming the problem."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+MODES = ("lora", "full")
+
+
+def num_layers_of(mcfg) -> int:
+    from transformers import AutoConfig
+
+    from ..models import resolve
+
+    if mcfg.name == "tiny":
+        return int(mcfg.get("num_layers", 4))
+    cfg = AutoConfig.from_pretrained(resolve(mcfg.name), revision=mcfg.get("revision"),
+                                     trust_remote_code=bool(mcfg.get("trust_remote_code", False)))
+    return cfg.get_text_config(decoder=True).num_hidden_layers
+
+
+def _is_cached(name: str) -> bool:
+    from ..models import cache_dir
+
+    return (cache_dir() / name / "config.json").exists()
+
+
+def validate(cfg, world_size: int) -> None:
+    tr, ds, lz = cfg.train, cfg.deepspeed, cfg.lazy
+    if tr.mode not in MODES:
+        raise ValueError(f"train.mode must be one of {MODES}, got {tr.mode!r}")
+    if int(tr.grad_accum) < 1 or float(tr.lr) <= 0:
+        raise ValueError("train.grad_accum must be >= 1 and train.lr > 0")
+    if not tr.max_steps and not tr.epochs:
+        raise ValueError("set train.max_steps or train.epochs")
+    if tr.get("fp16"):
+        raise ValueError("fp16 is not supported (DeepSpeed refuses it on CPU, and bf16 is the recipe): use train.bf16=true")
+    stage = int(ds.stage)
+    if stage not in (0, 2, 3):
+        raise ValueError(f"deepspeed.stage must be 0 (none), 2 or 3, got {stage}")
+    if stage == 0 and world_size > 1:
+        raise ValueError(f"{world_size} processes need DeepSpeed: add deepspeed=zero2 or deepspeed=zero3")
+    if ds.get("offload_param") and stage != 3:
+        raise ValueError("deepspeed.offload_param needs ZeRO stage 3 (deepspeed=zero3_offload)")
+    if stage == 3 and tr.gradient_checkpointing and tr.mode == "lora" and not torch.cuda.is_available():
+        raise ValueError("ZeRO-3 with LoRA and gradient checkpointing is not supported on CPU here: "
+                         "set train.gradient_checkpointing=false or use deepspeed=zero2")
+    if tr.bf16 and stage == 0 and not torch.cuda.is_available():
+        raise ValueError("train.bf16 without DeepSpeed runs only on GPU; on CPU use fp32 (bf16 is emulated, ~12x slower)")
+    if lz.get("from_file"):
+        if not os.path.isfile(lz.from_file):
+            raise FileNotFoundError(f"lazy.from_file={lz.from_file!r} does not exist")
+    if cfg.data.get("source") in ("jsonl", "json", "parquet") and not os.path.isfile(cfg.data.path):
+        raise FileNotFoundError(f"data.path={cfg.data.path!r} does not exist")
+    if cfg.model.name != "tiny" and not _is_cached(cfg.model.name) and cfg.model.name.startswith(("/", ".")):
+        if not os.path.isdir(cfg.model.name):
+            raise FileNotFoundError(f"model.name={cfg.model.name!r} does not exist")
+    layers = lz.get("layers")
+    if layers is not None:
+        n = num_layers_of(cfg.model)
+        bad = [i for i in layers if not 0 <= int(i) < n]
+        if bad:
+            raise ValueError(f"lazy.layers {bad} out of range for a model with {n} layers (0..{n - 1})")

@@ -1,0 +1,162 @@
+"""Two ways to run the optimisation, behind one small interface: plain PyTorch (one process) and DeepSpeed
+ZeRO (stages 2 and 3, optional CPU offload; any number of processes under torchrun, CPU or GPU).
+
+Both take the same optimizer and scheduler, receive losses already normalised by the global number of
+target tokens, and save / restore everything needed for an exact resume.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+
+
+def world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def all_reduce_sum(x: float, device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class PlainEngine:
+    """Single-process training with torch.optim."""
+
+    def __init__(self, model, optimizer, scheduler, max_grad_norm: float, grad_accum: int):
+        self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.max_grad_norm, self.grad_accum = max_grad_norm, grad_accum
+        self.rank, self.world_size = 0, 1
+        self._micro = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float | None:
+        """Call after every micro-batch; steps the optimizer at accumulation boundaries (returns grad norm)."""
+        self._micro += 1
+        if self._micro % self.grad_accum:
+            return None
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def trainable_state(self) -> dict:
+        return {n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def save(self, d: str) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(d, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.trainable_state().items()}, os.path.join(d, "trainable.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   os.path.join(d, "optimizer.pt"))
+
+    def load(self, d: str) -> None:
+        from safetensors.torch import load_file
+
+        missing = set(self.trainable_state()) - set(state := load_file(os.path.join(d, "trainable.safetensors")))
+        if missing:
+            raise ValueError(f"checkpoint {d} lacks trainable parameters, e.g. {sorted(missing)[:3]}")
+        self.module.load_state_dict(state, strict=False)
+        opt = torch.load(os.path.join(d, "optimizer.pt"), weights_only=True)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+
+
+def deepspeed_config(ds_cfg, train_cfg, grad_accum: int) -> dict:
+    stage = int(ds_cfg.stage)
+    zero = {"stage": stage}
+    if stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if ds_cfg.get("offload_optimizer"):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds_cfg.get("offload_param"):
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": float(train_cfg.max_grad_norm or 0.0),
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(train_cfg.bf16)},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # our torch AdamW, also with offload (no JIT-built CPU Adam)
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO: `deepspeed.initialize` driven directly (the HF Trainer and Accelerate silently drop
+    DeepSpeed or the world size on CPU)."""
+
+    def __init__(self, model, optimizer, scheduler, ds_config: dict):
+        import deepspeed
+
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self.module = self.engine.module
+        self.rank, self.world_size = world()
+        self.stage = ds_config["zero_optimization"]["stage"]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # our loss is already normalised
+
+    def step(self) -> float | None:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if not boundary:
+            return None
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def save(self, d: str) -> None:
+        root, tag = os.path.split(d.rstrip("/"))
+        self.engine.save_checkpoint(root, tag=tag, save_latest=False)
+
+    def load(self, d: str) -> None:
+        root, tag = os.path.split(d.rstrip("/"))
+        path, _ = self.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise ValueError(f"DeepSpeed could not load the checkpoint {d}")
+
+    def trainable_state(self) -> dict:
+        """Full trainable parameters on every rank (gathered under ZeRO-3)."""
+        import deepspeed
+
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in named], enabled=self.stage == 3):
+            return {n: p.detach().cpu().clone() for n, p in named}
+
+
+def save_checkpoint(engine, root: str, step: int, state: dict) -> str | None:
+    """All ranks write into a temporary directory; rank 0 renames it into place once everyone is done."""
+    tmp = os.path.join(root, f".partial-step_{step:07d}")
+    if engine.rank == 0:
+        os.makedirs(root, exist_ok=True)
+    barrier()
+    engine.save(tmp)
+    os.makedirs(tmp, exist_ok=True)
+    ckpt.write_rng(tmp, engine.rank)
+    barrier()
+    final = None
+    if engine.rank == 0:
+        ckpt.write_state(tmp, state)
+        final = ckpt.publish(root, tmp, step)
+    barrier()
+    return final

@@ -1,0 +1,301 @@
+"""The LightTransfer-Train job: load -> lazy layers -> convert_to_hybrid -> LoRA or full SFT -> save -> evaluate.
+
+Runs as `python launch/train.py` (one process) or `torchrun --nproc_per_node=N launch/train.py` (DeepSpeed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+from ..data import demo_examples
+from ..data.collate import collate_packed, pack_bins
+from ..data.format import EncodedExample
+from ..data.prepare import prepare
+from ..hybrid import HybridConfig, convert_to_hybrid, set_lazy_layers
+from ..io import atomic_write_json
+from ..lazy import select_with_stats
+from ..models import load_from_config
+from ..tracking import init_wandb
+from . import checkpoint as ckpt
+from .config import validate
+from .engine import DeepSpeedEngine, PlainEngine, all_reduce_sum, barrier, deepspeed_config, save_checkpoint, world
+from .evaluate import demo_accuracy, heldout_nll
+
+
+def _log(rank: int, *msg) -> None:
+    if rank == 0:
+        print(*msg, flush=True)
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warmup, then cosine decay to 0."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+def plan_rows(lengths: list[int], pack_length: int, seed: int, epochs: int) -> list[list[int]]:
+    """The whole run's packed rows, in order: packing fixed, row order reshuffled each epoch (seeded)."""
+    bins = pack_bins(lengths, pack_length)
+    rows = []
+    for e in range(epochs):
+        order = list(range(len(bins)))
+        random.Random(seed * 1000 + e).shuffle(order)
+        rows += [bins[i] for i in order]
+    return rows
+
+
+def token_loss_sum(model, batch, chunk: int = 1024) -> torch.Tensor:
+    """Sum of token NLLs of a batch; the LM head runs in checkpointed chunks (no full T x vocab logits)."""
+    inputs = batch.model_inputs()
+    labels = inputs.pop("labels")
+    decoder = model.get_decoder()
+    hidden = decoder(**{k: v for k, v in inputs.items()}).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    head = model.get_output_embeddings()
+
+    def part(h, t):
+        logits = head(h).float()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, targets.shape[1], chunk):
+        h, t = hidden[:, s : s + chunk], targets[:, s : s + chunk]
+        total = total + (torch.utils.checkpoint.checkpoint(part, h, t, use_reentrant=False)
+                         if torch.is_grad_enabled() else part(h, t))
+    return total
+
+
+def _choose_lazy(cfg, model, train_encoded, out_dir, rank) -> list[int]:
+    lz = cfg.lazy
+    if lz.get("layers") is not None:
+        return [int(i) for i in lz.layers]
+    if lz.get("from_file"):
+        with open(lz.from_file, encoding="utf-8") as f:
+            layers = json.load(f)["lazy_layers"]
+        _log(rank, f"lazy layers from {lz.from_file}: {layers}")
+        return layers
+    samples = [e.input_ids for e in train_encoded[: lz.get("max_samples") or len(train_encoded)]]
+    sel = select_with_stats(model, samples, lz.num_lazy, lz.strategy, lz.sink_tokens, lz.recent_tokens,
+                            lz.last_queries, lz.seed, lz.get("nll_samples", 4), progress=rank == 0)
+    if rank == 0:
+        atomic_write_json(os.path.join(out_dir, "lazy_layers.json"),
+                          {"lazy_layers": sel.layers, "strategy": sel.strategy, "per_layer_ratio": sel.per_layer_ratio,
+                           "delta_nll": sel.delta_nll, "sink_tokens": lz.sink_tokens, "recent_tokens": lz.recent_tokens})
+    _log(rank, f"lazy layers ({sel.strategy}): {sel.layers}")
+    return sel.layers
+
+
+def _evaluate(cfg, model, tok, heldout, problems, label, rank, results: dict) -> None:
+    if rank != 0 or not cfg.eval.enabled:
+        return
+    model.eval()
+    t0 = time.perf_counter()
+    nll = heldout_nll(model, heldout)
+    acc = demo_accuracy(model, tok, problems, cfg.eval.max_new_tokens, cfg.eval.batch_size) if problems else None
+    results[label] = {"heldout_nll": round(nll, 4), "demo_accuracy": acc}
+    _log(rank, f"eval {label}: held-out NLL {nll:.4f}, demo accuracy {acc} ({time.perf_counter() - t0:.0f}s)")
+
+
+def _wrap_trainable(cfg, model):
+    if cfg.train.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lc = cfg.train.lora
+        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                 target_modules=list(lc.target_modules), task_type="CAUSAL_LM"))
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.train.mode == "lora":
+            model.enable_input_require_grads()
+    return model
+
+
+def _export(cfg, engine, model, hc: HybridConfig, out_dir: str, rank: int):
+    """Save the LoRA adapter (LoRA runs) and the merged hybrid model (safetensors + hybrid settings in the
+    config, loadable by `load_hybrid`). Under ZeRO-3 the trained weights are gathered and loaded into a
+    freshly built model, so frozen weights come from the pretrained checkpoint, never from a partition."""
+    state = engine.trainable_state()  # every rank takes part: ZeRO-3 gathers
+    final = None
+    if rank == 0:
+        if cfg.train.mode == "lora":
+            model.save_pretrained(os.path.join(out_dir, "adapter"), state_dict=state)
+        if getattr(engine, "stage", 0) == 3:
+            final = _rebuild(cfg, hc, state)
+        else:
+            final = model.merge_and_unload() if cfg.train.mode == "lora" else model
+        final.save_pretrained(os.path.join(out_dir, "model"), safe_serialization=True)
+    barrier()
+    return final
+
+
+def _rebuild(cfg, hc: HybridConfig, state: dict):
+    base, _ = load_from_config(cfg.model)
+    convert_to_hybrid(base, hc)
+    model = _wrap_trainable(cfg, base)
+    missing = set(state) - set(dict(model.named_parameters()))
+    if missing:
+        raise RuntimeError(f"gathered weights do not fit the rebuilt model, e.g. {sorted(missing)[:3]}")
+    model.load_state_dict(state, strict=False)
+    return model.merge_and_unload() if cfg.train.mode == "lora" else model
+
+
+def train(cfg) -> dict:
+    rank, world_size = world()
+    validate(cfg, world_size)
+    out_dir = cfg.output_dir
+    os.makedirs(out_dir, exist_ok=True)
+    use_ds = cfg.deepspeed.stage > 0
+    if use_ds:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    seed = int(cfg.train.seed)
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+    model, tok = load_from_config(cfg.model)
+    dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    model.to(dev)
+    ds, stats, _ = prepare(cfg.data, tok, cfg.model.name, cfg.cache_dir, progress=rank == 0)
+    encoded = [EncodedExample(torch.tensor(r["input_ids"]), torch.tensor(r["labels"])) for r in ds]
+    n_eval = int(cfg.eval.heldout) if cfg.eval.enabled else 0
+    if len(encoded) <= n_eval:
+        raise ValueError(f"{len(encoded)} examples cannot leave {n_eval} held out (eval.heldout)")
+    train_enc, heldout = encoded[: len(encoded) - n_eval], encoded[len(encoded) - n_eval :]
+    problems = (demo_examples(cfg.eval.accuracy_problems, seed=10_000, min_steps=cfg.eval.accuracy_min_steps,
+                              max_steps=cfg.eval.accuracy_max_steps) if cfg.eval.accuracy_problems else [])
+    _log(rank, f"data: {stats.examples} examples ({len(train_enc)} train, {len(heldout)} held out), "
+               f"{stats.truncated} truncated, {stats.dropped_too_long} dropped")
+
+    lazy = _choose_lazy(cfg, model, train_enc, out_dir, rank)
+    hc = HybridConfig(lazy, cfg.lazy.sink_tokens, cfg.lazy.recent_tokens, cfg.lazy.get("backend", "auto"))
+    convert_to_hybrid(model, hc)
+    results: dict = {}
+    set_lazy_layers(model, HybridConfig([], hc.sink_tokens, hc.window, hc.backend))
+    _evaluate(cfg, model, tok, heldout, problems, "full, before", rank, results)
+    set_lazy_layers(model, hc)
+    _evaluate(cfg, model, tok, heldout, problems, "hybrid, before", rank, results)
+
+    model = _wrap_trainable(cfg, model)
+    model.train()
+    tr = cfg.train
+    rows = plan_rows([len(e.input_ids) for e in train_enc], tr.pack_length, seed, int(tr.epochs or 1))
+    per_step = tr.grad_accum * world_size
+    max_steps = int(tr.max_steps) if tr.max_steps else len(rows) // per_step
+    if max_steps * per_step > len(rows):  # more steps than one pass: keep cycling through more epochs
+        reps = math.ceil(max_steps * per_step / len(rows))
+        rows = plan_rows([len(e.input_ids) for e in train_enc], tr.pack_length, seed, reps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(tr.warmup_ratio * max_steps), max_steps))
+    engine = (DeepSpeedEngine(model, opt, sched, deepspeed_config(cfg.deepspeed, tr, tr.grad_accum)) if use_ds
+              else PlainEngine(model, opt, sched, tr.max_grad_norm, tr.grad_accum))
+    model = engine.module
+
+    ckpt_root = os.path.join(out_dir, "checkpoints")
+    start = 0
+    resume_from = ckpt.latest(ckpt_root) if tr.resume == "auto" else (tr.resume if tr.resume not in (None, "none") else None)
+    if resume_from:
+        engine.load(resume_from)
+        state, rng = ckpt.read_state(resume_from, rank)
+        ckpt.set_rng_state(rng)
+        start = state["step"]
+        _log(rank, f"resumed from {resume_from} at step {start}")
+    run = init_wandb(cfg.logging, _plain(cfg), "train", out_dir) if rank == 0 else None
+    if run is not None:
+        run.config.update({"lazy_layers": lazy}, allow_val_change=True)
+    log_path = os.path.join(out_dir, "train_log.jsonl")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=max_steps, initial=start, desc="train", disable=rank != 0)
+    t_start = time.perf_counter()
+    for step in range(start, max_steps):
+        t0 = time.perf_counter()
+        mine = [rows[step * per_step + rank * tr.grad_accum + m] for m in range(tr.grad_accum)]
+        batches = [collate_packed([[train_enc[i] for i in row]], tok.pad_token_id) for row in mine]
+        local_tokens = sum(b.num_target_tokens for b in batches)
+        n_global = all_reduce_sum(local_tokens, dev)  # the loss is normalised by target tokens of the step
+        loss_sum = 0.0
+        norm = None
+        for b in batches:
+            b.input_ids, b.labels, b.position_ids = b.input_ids.to(dev), b.labels.to(dev), b.position_ids.to(dev)
+            loss = token_loss_sum(model, b)
+            loss_sum += float(loss.detach())
+            engine.backward(loss * world_size / n_global)
+            norm = engine.step()
+        step_loss = all_reduce_sum(loss_sum, dev) / n_global
+        tokens = all_reduce_sum(sum(int(b.input_ids.numel()) for b in batches), dev)
+        dt = time.perf_counter() - t0
+        rec = {"step": step + 1, "loss": step_loss, "lr": sched.get_last_lr()[0],
+               "grad_norm": norm, "tokens_per_s": tokens / dt, "target_tokens": n_global, "memory_mb": _memory_mb()}
+        if rank == 0:
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+            if run is not None:
+                run.log({f"train/{k}": v for k, v in rec.items() if v is not None and k != "step"}, step=step + 1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / dt:.0f}")
+            bar.update(1)
+        if tr.save_every and (step + 1) % tr.save_every == 0 and step + 1 < max_steps:
+            save_checkpoint(engine, ckpt_root, step + 1, {"step": step + 1, "rows_consumed": (step + 1) * per_step})
+        if tr.get("exit_after_step") and step + 1 == int(tr.exit_after_step):
+            _log(rank, f"exit_after_step={step + 1}: stopping abruptly (testing resume)")
+            sys.stdout.flush()
+            os._exit(3)
+    bar.close()
+    _log(rank, f"trained {max_steps - start} steps in {time.perf_counter() - t_start:.0f}s")
+
+    final = _export(cfg, engine, model, hc, out_dir, rank)
+    if rank == 0 and final is not None:
+        _evaluate(cfg, final, tok, heldout, problems, "hybrid, after", rank, results)
+        hc_final = HybridConfig.from_model_config(final.config)
+        set_lazy_layers(final, HybridConfig([], hc_final.sink_tokens, hc_final.window, hc_final.backend))
+        _evaluate(cfg, final, tok, heldout, problems, "full, after", rank, results)
+        set_lazy_layers(final, hc_final)
+        _write_summary(out_dir, results, lazy, cfg)
+    if run is not None:
+        run.summary.update({k.replace(", ", "_"): v for k, v in results.items()})
+        run.finish()
+    barrier()
+    return results
+
+
+def _memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except ImportError:  # pragma: no cover
+        return float("nan")
+
+
+def _plain(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _write_summary(out_dir: str, results: dict, lazy: list[int], cfg) -> None:
+    lines = [f"# lt_train summary: {cfg.model.name}, {len(lazy)} lazy layers {lazy}, S={cfg.lazy.sink_tokens} "
+             f"W={cfg.lazy.recent_tokens}, {cfg.train.mode}", "", "| model | held-out NLL | demo accuracy |",
+             "|---|---:|---:|"]
+    for k, v in results.items():
+        acc = "n/a" if v["demo_accuracy"] is None else f"{v['demo_accuracy']:.3f}"
+        lines.append(f"| {k} | {v['heldout_nll']:.4f} | {acc} |")
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    atomic_write_json(os.path.join(out_dir, "summary.json"), {"results": results, "lazy_layers": lazy})
