@@ -256,6 +256,8 @@ def train(cfg) -> dict:
     _log(rank, f"trained {max_steps - start} steps in {time.perf_counter() - t_start:.0f}s")
 
     final = _export(cfg, engine, model, hc, out_dir, rank)
+    if rank == 0:
+        tok.save_pretrained(os.path.join(out_dir, "model"))
     if rank == 0 and final is not None:
         _evaluate(cfg, final, tok, heldout, problems, "hybrid, after", rank, results)
         hc_final = HybridConfig.from_model_config(final.config)

@@ -1,0 +1,109 @@
+"""The training job on one process: learning, exact resume, export, tracking, and config errors."""
+import json
+import os
+
+import pytest
+import torch
+
+from lt_train import load_hybrid
+from train_helpers import losses, run_train
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    _ok(run_train(out, ["train=full", "train.lr=1e-3", "train.max_steps=8", "train.save_every=4"]))
+    return out
+
+
+def test_loss_decreases_and_summary_is_written(full_run):
+    ls = losses(full_run)
+    assert len(ls) == 8 and ls[8] < ls[1] - 0.1
+    summary = json.loads((full_run / "summary.json").read_text())
+    assert set(summary["results"]) == {"full, before", "hybrid, before", "hybrid, after", "full, after"}
+    assert summary["results"]["hybrid, after"]["heldout_nll"] < summary["results"]["hybrid, before"]["heldout_nll"]
+    assert "| hybrid, after |" in (full_run / "summary.md").read_text()
+
+
+def test_exported_model_is_the_trained_hybrid(full_run):
+    model = load_hybrid(str(full_run / "model"))
+    assert model.config.lt_hybrid["lazy_layers"] == [1, 3]
+    from lt_train.train.evaluate import heldout_nll
+    from lt_train.data.prepare import prepare
+    from lt_train.models import tiny_tokenizer
+    from lt_train.data.format import EncodedExample
+
+    cfg = {"source": "demo", "name": "demo", "num_samples": 24, "seed": 0, "max_length": 1500,
+           "length_policy": "truncate", "system_prompt": None}
+    ds, _, _ = prepare(cfg, tiny_tokenizer(), "tiny", str(full_run / "cache"))
+    held = [EncodedExample(torch.tensor(r["input_ids"]), torch.tensor(r["labels"])) for r in ds][-2:]
+    summary = json.loads((full_run / "summary.json").read_text())
+    assert abs(heldout_nll(model, held) - summary["results"]["hybrid, after"]["heldout_nll"]) < 1e-3
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_killed_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path, mode):
+    args = [f"train={mode}", "train.max_steps=6", "train.save_every=2", "eval.enabled=false"]
+    _ok(run_train(tmp_path / "a", args))
+    killed = run_train(tmp_path / "b", args + ["train.exit_after_step=5"])
+    assert killed.returncode == 3  # stopped abruptly after step 5; the last checkpoint is step 4
+    assert os.path.isdir(tmp_path / "b" / "checkpoints" / "step_0000004")
+    resumed = run_train(tmp_path / "b", args)
+    _ok(resumed)
+    assert "resumed from" in resumed.stdout and "step 4" in resumed.stdout
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    for step in (5, 6):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7)
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
+    from lt_train.train import checkpoint as ckpt
+
+    root = tmp_path / "ck"
+    (root / ".partial-step_0000002").mkdir(parents=True)
+    (root / ".partial-step_0000002" / "x").write_text("1")
+    ckpt.publish(str(root), str(root / ".partial-step_0000002"), 2)
+    (root / ".partial-step_0000004").mkdir()
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(ckpt.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.publish(str(root), str(root / ".partial-step_0000004"), 4)
+    monkeypatch.undo()
+    assert ckpt.latest(str(root)).endswith("step_0000002")
+
+
+def test_wandb_offline_run_holds_the_metrics(tmp_path):
+    _ok(run_train(tmp_path, ["train.max_steps=3", "logging.wandb=true", "eval.enabled=false"],
+                  env={"WANDB_MODE": "offline", "WANDB_API_KEY": ""}))
+    from wandb_reader import logged_keys
+
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    history, config = logged_keys(str(runs[0]))
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/memory_mb"} <= history
+    assert "lazy_layers" in config
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["train=foo"], "Could not find 'train/foo'"),
+        (["lazy.layers=[1,9]"], "out of range for a model with 4 layers"),
+        (["data.source=jsonl", "+data.path=/nonexistent.jsonl"], "does not exist"),
+        (["deepspeed=zero3", "train.gradient_checkpointing=true"], "ZeRO-3 with LoRA and gradient checkpointing"),
+        (["+train.fp16=true"], "fp16 is not supported"),
+        (["lazy.from_file=/nonexistent.json"], "lazy.from_file"),
+    ],
+)
+def test_bad_config_fails_early_naming_the_problem(tmp_path, overrides, message):
+    proc = run_train(tmp_path, overrides, timeout=300)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert not (tmp_path / "train_log.jsonl").exists()

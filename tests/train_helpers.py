@@ -1,0 +1,31 @@
+"""Running launch/train.py as a real command (single process or torchrun) on the tiny model."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["model=tiny", "data.num_samples=24", "data.max_length=1500", "train.pack_length=1600", "train.grad_accum=1",
+        "lazy.recent_tokens=64", "lazy.layers=[1,3]", "eval.heldout=2", "eval.accuracy_problems=0"]
+
+
+def run_train(out_dir, overrides=(), nproc=1, timeout=900, env=None):
+    script = os.path.join(ROOT, "launch", "train.py")
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+               str(29500 + (abs(hash(str(out_dir))) % 1000)), script]
+    else:
+        cmd = [sys.executable, script]
+    cmd += TINY + list(overrides) + [f"output_dir={out_dir}", f"cache_dir={os.path.join(str(out_dir), 'cache')}"]
+    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=e)
+
+
+def losses(out_dir) -> dict[int, float]:
+    """step -> loss; a resumed run appends, so later lines win."""
+    out = {}
+    with open(os.path.join(out_dir, "train_log.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            out[r["step"]] = r["loss"]
+    return out
