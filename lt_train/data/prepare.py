@@ -106,7 +106,7 @@ def prepare(dcfg, tokenizer, tokenizer_name: str, cache_root: str, progress: boo
     ds = datasets.Dataset.from_dict({"input_ids": [e.input_ids.tolist() for e in encoded],
                                      "labels": [e.labels.tolist() for e in encoded],
                                      "truncated": [e.truncated for e in encoded]})
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     ds.save_to_disk(tmp)
     atomic_write_json(os.path.join(tmp, "lt_stats.json"), asdict(stats))

@@ -53,8 +53,10 @@ def plan_rows(lengths: list[int], pack_length: int, seed: int, epochs: int) -> l
     return rows
 
 
-def token_loss_sum(model, batch, chunk: int = 1024) -> torch.Tensor:
-    """Sum of token NLLs of a batch; the LM head runs in checkpointed chunks (no full T x vocab logits)."""
+def token_loss_sum(model, batch, chunk: int = 1024, checkpoint_head: bool = True) -> torch.Tensor:
+    """Sum of token NLLs of a batch; the LM head runs in chunks, checkpointed so that no full T x vocab
+    logits are kept for backward. (Not under ZeRO-3: re-running the head in backward would meet its
+    weight already partitioned again.)"""
     inputs = batch.model_inputs()
     labels = inputs.pop("labels")
     decoder = model.get_decoder()
@@ -71,7 +73,7 @@ def token_loss_sum(model, batch, chunk: int = 1024) -> torch.Tensor:
     for s in range(0, targets.shape[1], chunk):
         h, t = hidden[:, s : s + chunk], targets[:, s : s + chunk]
         total = total + (torch.utils.checkpoint.checkpoint(part, h, t, use_reentrant=False)
-                         if torch.is_grad_enabled() else part(h, t))
+                         if checkpoint_head and torch.is_grad_enabled() else part(h, t))
     return total
 
 
@@ -159,6 +161,8 @@ def train(cfg) -> dict:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    elif world_size > 1:  # pragma: no cover - validate() refuses this
+        raise RuntimeError("several processes need DeepSpeed")
     seed = int(cfg.train.seed)
     random.seed(seed)
     torch.manual_seed(seed)
@@ -166,9 +170,13 @@ def train(cfg) -> dict:
     model, tok = load_from_config(cfg.model)
     dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     model.to(dev)
+    if rank != 0:
+        barrier()  # rank 0 builds the tokenised cache first; the others then load it
     ds, stats, _ = prepare(cfg.data, tok, cfg.model.name, cfg.cache_dir, progress=rank == 0)
+    if rank == 0:
+        barrier()
     encoded = [EncodedExample(torch.tensor(r["input_ids"]), torch.tensor(r["labels"])) for r in ds]
-    n_eval = int(cfg.eval.heldout) if cfg.eval.enabled else 0
+    n_eval = int(cfg.eval.heldout)  # held out whether or not eval runs, so the training data never changes
     if len(encoded) <= n_eval:
         raise ValueError(f"{len(encoded)} examples cannot leave {n_eval} held out (eval.heldout)")
     train_enc, heldout = encoded[: len(encoded) - n_eval], encoded[len(encoded) - n_eval :]
@@ -230,7 +238,7 @@ def train(cfg) -> dict:
         norm = None
         for b in batches:
             b.input_ids, b.labels, b.position_ids = b.input_ids.to(dev), b.labels.to(dev), b.position_ids.to(dev)
-            loss = token_loss_sum(model, b)
+            loss = token_loss_sum(model, b, checkpoint_head=int(cfg.deepspeed.stage) != 3)
             loss_sum += float(loss.detach())
             engine.backward(loss * world_size / n_global)
             norm = engine.step()
