@@ -103,3 +103,87 @@ def test_pack_bins_refuses_overlong_examples():
     bins = pack_bins([6, 5, 4, 3, 2], 10)
     assert sorted(i for b in bins for i in b) == list(range(5))
     assert all(sum([6, 5, 4, 3, 2][i] for i in b) <= 10 for b in bins)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# flash-attn backend: its merge of window and sinks, its sink gathering and its hand-written backward run on
+# CPU with the two flash-attn kernels replaced by dense math; the real kernels are tested on GPU only.
+
+def _dense_window_forward(q, k, v, cu, max_len, scale, window):
+    N, H, D = q.shape
+    doc = torch.zeros(N, dtype=torch.long)
+    doc[cu[1:-1].long()] = 1
+    doc = doc.cumsum(0)
+    i = torch.arange(N)
+    allowed = (doc[:, None] == doc[None, :]) & (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+    kk = k.repeat_interleave(H // k.shape[1], 1).float()
+    s = torch.einsum("nhd,mhd->hnm", q.float(), kk) * scale
+    s = s.masked_fill(~allowed[None], float("-inf"))
+    lse = s.logsumexp(-1)
+    p = torch.exp(s - lse[..., None])
+    out = torch.einsum("hnm,mhd->nhd", p, v.repeat_interleave(H // v.shape[1], 1).float())
+    return out.to(q.dtype), lse, (allowed, kk)
+
+
+def _fake_forward(q, k, v, cu, max_len, scale, window):
+    out, lse, _ = _dense_window_forward(q, k, v, cu, max_len, scale, window)
+    return out, lse
+
+
+def _fake_backward(dout, q, k, v, out, lse, cu, max_len, scale, window):
+    """flash-attn's backward contract: gradients of softmax attention restricted to the window keys, using the
+    given (merged) output and log-sum-exp."""
+    N, H, D = q.shape
+    g = H // k.shape[1]
+    _, _, (allowed, kk) = _dense_window_forward(q, k, v, cu, max_len, scale, window)
+    vv = v.repeat_interleave(g, 1).float()
+    s = torch.einsum("nhd,mhd->hnm", q.float(), kk) * scale
+    p = torch.exp(s - lse[..., None]).masked_fill(~allowed[None], 0.0)
+    delta = (dout.float() * out.float()).sum(-1).T  # [H, N]
+    dv = torch.einsum("hnm,nhd->mhd", p, dout.float())
+    dp = torch.einsum("nhd,mhd->hnm", dout.float(), vv)
+    ds = p * (dp - delta[..., None]) * scale
+    dq = torch.einsum("hnm,mhd->nhd", ds, kk)
+    dk = torch.einsum("hnm,nhd->mhd", ds, q.float())
+    fold = lambda x: x.view(N, k.shape[1], g, D).sum(2)  # noqa: E731
+    return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("sink,window", [(4, 50), (8, 7), (0, 20)])
+def test_flash_backend_logic_with_dense_kernels(monkeypatch, packed, sink, window):
+    from lt_train.attention import flash
+
+    monkeypatch.setattr(flash, "_window_forward", _fake_forward)
+    monkeypatch.setattr(flash, "_window_backward", _fake_backward)
+    monkeypatch.setattr(flash, "SINK_CHUNK", 97)  # exercise the chunking
+    pos = _packed_positions() if packed else torch.arange(300).expand(2, 300)
+    B, T = pos.shape
+    q = torch.randn(B, 6, T, 16, requires_grad=True)
+    k = torch.randn(B, 2, T, 16, requires_grad=True)
+    v = torch.randn(B, 2, T, 16, requires_grad=True)
+    out = flash.flash_streaming(q, k, v, sink, window, doc_pos=pos if packed else None)
+    idx = torch.arange(T).expand(B, T)
+    ref = dense_streaming_reference(q, k, v, sink, window, pos, pos, idx, idx, torch.ones(B, T, dtype=torch.bool))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn kernels need a CUDA GPU")
+def test_flash_backend_packed_on_gpu():
+    from lt_train.attention import flash
+
+    if not flash.is_available():
+        pytest.skip("flash-attn is not installed")
+    pos = _packed_positions().cuda()
+    B, T = pos.shape
+    q, k, v = (torch.randn(B, h, T, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (6, 2, 2))
+    out = streaming_attention(q, k, v, 4, 50, backend="flash_attn", doc_pos=pos)
+    idx = torch.arange(T, device="cuda").expand(B, T)
+    ref = dense_streaming_reference(q, k, v, 4, 50, pos, pos, idx, idx, torch.ones(B, T, dtype=torch.bool, device="cuda"))
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)

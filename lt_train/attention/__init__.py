@@ -7,9 +7,9 @@ Backends behind `streaming_attention`:
 - `sdpa`: query-blocked `scaled_dot_product_attention` over sink + window keys (CPU and GPU, forward and
   backward, any padding). The default wherever flash-attn is not usable.
 - `flex`: torch FlexAttention with a block mask (compiled; forward only on CPU).
-- `flash_attn`: flash-attn's sliding window plus sinks merged through the log-sum-exp (CUDA, fp16/bf16,
-  unpadded, unpacked batches; padded and packed batches go to `sdpa`).
-- `auto`: `flash_attn` where usable; packed rows on GPU: `flex`; else `sdpa`.
+- `flash_attn`: flash-attn's variable-length sliding window plus each document's sinks merged through the
+  log-sum-exp (CUDA, fp16/bf16; whole rows or packed documents; left-padded batches go to `sdpa`).
+- `auto`: `flash_attn` where usable; otherwise packed rows on GPU: `flex`; else `sdpa`.
 """
 from __future__ import annotations
 
@@ -37,12 +37,12 @@ def check_backend(name: str) -> None:
 
 def resolve_backend(name: str, q: torch.Tensor, padded: bool, packed: bool = False) -> str:
     if name == "auto":
-        if packed and q.is_cuda:
-            return "flex"  # per-document sinks: a block mask on GPU, forward and backward
         usable = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash.is_available()
-        return "flash_attn" if usable and not (padded or packed) else "sdpa"
-    if name == "flash_attn" and (padded or packed):
-        return "sdpa"  # flash-attn's dense API has no per-row or per-document sinks; see flash.py
+        if usable and not padded:
+            return "flash_attn"
+        return "flex" if packed and q.is_cuda else "sdpa"
+    if name == "flash_attn" and padded:
+        return "sdpa"  # left padding: per-row sinks after the pads; see flash.py
     return name
 
 
@@ -70,6 +70,9 @@ def streaming_attention(
     if sink < 0 or window < 1:
         raise ValueError(f"need sink >= 0 and window >= 1, got sink={sink}, window={window}")
     chosen = resolve_backend(backend, q, padded=pad is not None or offset is not None, packed=doc_pos is not None)
+    if chosen == "flash_attn":
+        check_backend("flash_attn")
+        return _flash.flash_streaming(q, k, v, sink, window, scale, doc_pos=doc_pos)
     if doc_pos is not None:
         if chosen == "flex":
             return flex_streaming(q, k, v, sink, window, scale, doc_pos=doc_pos)
@@ -78,7 +81,4 @@ def streaming_attention(
         return chunked_streaming_sdpa(q, k, v, sink, window, scale, pad, offset)
     if chosen == "flex":
         return flex_streaming(q, k, v, sink, window, scale, pad, offset)
-    if chosen == "flash_attn":
-        check_backend("flash_attn")
-        return _flash.flash_streaming(q, k, v, sink, window, scale)
     raise ValueError(f"unknown streaming attention backend {backend!r}; choose one of {BACKENDS}")
