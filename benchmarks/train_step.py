@@ -5,7 +5,7 @@
 One step = forward + backward + optimizer step on one sequence, LoRA (default) or full fine-tuning, fp32.
 Hybrid: half the layers lazy (every other layer), S=4, W=1020, chunked-SDPA streaming attention. Both
 variants are timed interleaved in one run; peak memory is the process's peak RSS growth over a step,
-measured in a fresh subprocess per variant and length.
+measured in a fresh subprocess per variant and length (resident memory above the pre-step level, sampled).
 """
 from __future__ import annotations
 
@@ -55,17 +55,42 @@ def step_fn(model, opt, T: int, vocab: int):
     return run
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure_step_memory(model_name: str, hybrid: bool, mode: str, sink: int, window: int, T: int) -> float:
+    """Peak resident memory above the pre-step level during two steps, sampled every 5 ms."""
+    import threading
+
+    model, opt = build(model_name, hybrid, mode, sink, window)
+    f = step_fn(model, opt, T, model.config.vocab_size)
+    f()  # the optimizer state exists from here on
+    base, peak, done = _rss_mib(), [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mib())
+            done.wait(0.005)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    f()
+    done.set()
+    t.join()
+    return peak[0] - base
+
+
 def peak_memory(args, hybrid: bool, T: int) -> float:
-    """Peak RSS growth (MiB) of one step in a fresh process."""
-    code = (f"import sys, resource; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(__file__)!r});"
-            f"import train_step as b; m, o = b.build({args.model!r}, {hybrid}, {args.mode!r}, {args.sink}, {args.window});"
-            f"f = b.step_fn(m, o, {T}, m.config.vocab_size); import resource as r;"
-            f"base = r.getrusage(r.RUSAGE_SELF).ru_maxrss; f(); f();"
-            f"print((r.getrusage(r.RUSAGE_SELF).ru_maxrss - base) / 1024)")
+    """`measure_step_memory` in a fresh process, so that one variant's peak does not hide the other's."""
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import train_step as b;"
+            f"print(b.measure_step_memory({args.model!r}, {hybrid}, {args.mode!r}, {args.sink}, {args.window}, {T}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     try:
         return float(out.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
+        print(out.stderr[-2000:], file=sys.stderr)
         return float("nan")
 
 
@@ -78,9 +103,15 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=1020)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory-only", action="store_true")
     args = ap.parse_args()
     from _timing import interleaved_medians
 
+    if args.memory_only:
+        for T in args.lengths:
+            print(f"T={T}: peak step memory full {peak_memory(args, False, T):.0f} MiB, "
+                  f"hybrid {peak_memory(args, True, T):.0f} MiB", flush=True)
+        return
     full, opt_f = build(args.model, False, args.mode, args.sink, args.window)
     hyb, opt_h = build(args.model, True, args.mode, args.sink, args.window)
     vocab = full.config.vocab_size

@@ -107,3 +107,47 @@ def test_bad_config_fails_early_naming_the_problem(tmp_path, overrides, message)
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
     assert not (tmp_path / "train_log.jsonl").exists()
+
+
+def test_step_loss_is_normalised_by_target_tokens_not_by_batches():
+    """Two micro-batches with different numbers of target tokens: the accumulated gradient equals the gradient
+    of (all token losses) / (all target tokens), which a mean of per-batch means would not give."""
+    from lt_train.data import demo_examples, encode_example
+    from lt_train.data.collate import collate_packed
+    from lt_train.models import tiny_model, tiny_tokenizer
+    from lt_train.train.loop import token_loss_sum
+
+    tok = tiny_tokenizer()
+    enc = [encode_example(tok, e, max_length=n) for e, n in zip(demo_examples(2), (1500, 1000))]
+    batches = [collate_packed([[e]], tok.pad_token_id) for e in enc]
+    counts = [b.num_target_tokens for b in batches]
+    assert counts[0] != counts[1]
+
+    def grads(loss_fn):
+        model = tiny_model("llama")
+        loss_fn(model).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    def ours(model):  # what the training loop does: per micro-batch sum / global count, accumulated
+        return sum(token_loss_sum(model, b) / sum(counts) for b in batches)
+
+    def reference(model):
+        losses = [model(**b.model_inputs()).loss for b in batches]  # transformers: mean per batch
+        return sum(l * n for l, n in zip(losses, counts)) / sum(counts)
+
+    def mean_of_means(model):
+        return sum(model(**b.model_inputs()).loss for b in batches) / len(batches)
+
+    g = grads(ours)
+    torch.testing.assert_close(g, grads(reference), atol=1e-6, rtol=1e-4)
+    assert (g - grads(mean_of_means)).abs().max() > 1e-4
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
+    args = ["train=full", "train.max_steps=3", "train.save_every=0", "eval.enabled=false"]
+    _ok(run_train(tmp_path / "a", args))
+    _ok(run_train(tmp_path / "b", args + ["train.gradient_checkpointing=true"]))
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert a.keys() == b.keys() == {1, 2, 3}
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5)

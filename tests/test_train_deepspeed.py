@@ -33,3 +33,12 @@ def test_deepspeed_two_processes_learn_and_resume_exactly(tmp_path, stage, mode)
     lb = losses(tmp_path / "b")
     for step in (5, 6):
         assert lb[step] == pytest.approx(la[step], rel=1e-5, abs=1e-6)
+
+
+def test_zero3_cpu_offload_with_bf16(tmp_path):
+    proc = run_train(tmp_path, ["deepspeed=zero3_offload", "train=full", "train.lr=1e-3", "train.bf16=true",
+                                "train.max_steps=4", "train.save_every=2", "eval.enabled=false"], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ls = losses(tmp_path)
+    assert len(ls) == 4 and ls[4] < ls[1]
+    assert load_hybrid(str(tmp_path / "model")).config.lt_hybrid["lazy_layers"] == [1, 3]
