@@ -61,12 +61,12 @@ def _rss_mib() -> float:
 
 
 def measure_step_memory(model_name: str, hybrid: bool, mode: str, sink: int, window: int, T: int) -> float:
-    """Peak resident memory above the pre-step level during two steps, sampled every 5 ms."""
+    """Peak resident memory of one training step above the level after loading (the allocator keeps freed
+    pages, so a second step would mostly reuse them and hide the peak), sampled every 5 ms."""
     import threading
 
     model, opt = build(model_name, hybrid, mode, sink, window)
     f = step_fn(model, opt, T, model.config.vocab_size)
-    f()  # the optimizer state exists from here on
     base, peak, done = _rss_mib(), [0.0], threading.Event()
 
     def sample():
