@@ -1,43 +1,160 @@
-"""Answer extraction. Model output is only ever parsed as text: never passed to eval/exec."""
+"""Answer extraction and grading. Model output is only ever parsed as text, never passed to eval/exec.
+
+`extract_answer` finds the last \\boxed{...} / \\fbox{...} (nested braces handled), then falls back to
+"final answer is ...", "#### n" and "A: n" lines; it returns None when there is none, never the whole text.
+`grade(output, reference, mode)` with mode "aime" (an integer 0-999), "gsm8k" (a number) or "math" (symbolic
+or numeric equivalence through math-verify). math-verify's own timeouts use `signal.alarm`, which fails off
+the main thread; here its checks run without them in a worker process that is killed when a check overruns,
+so a timeout works from any thread and counts as wrong (`Grader.timeouts`).
+"""
 from __future__ import annotations
 
+import concurrent.futures as cf
+import multiprocessing as mp
 import re
+import threading
+
+MAX_ANSWER_CHARS = 2000  # longer "answers" are not answers; also bounds the work on pathological outputs
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_FALLBACKS = [
+    re.compile(r"final answer is[:\s]*\$*\s*([^\n$]{1,200}?)\s*\$*\s*(?:\.\s*)?(?:\n|$)", re.IGNORECASE),
+    re.compile(r"^####\s*(.{1,200}?)\s*$", re.MULTILINE),
+    re.compile(r"^A:\s*(.{1,200}?)\s*$", re.MULTILINE),
+]
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} / \\fbox{...}, nested braces handled; None when there is none or it
-    is unbalanced."""
-    starts = [m.end() for m in _BOX.finditer(text)]
-    for start in reversed(starts):
-        depth, i = 1, start
-        while i < len(text) and depth:
+    """Content of the last balanced \\boxed{...} / \\fbox{...}; None when there is none."""
+    for m in reversed(list(_BOX.finditer(text))[-20:]):  # the last few only: bounded work on junk
+        depth, i = 1, m.end()
+        end = min(len(text), m.end() + MAX_ANSWER_CHARS)
+        while i < end and depth:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
         if depth == 0:
-            return text[start : i - 1].strip()
+            return text[m.end() : i - 1].strip()
     return None
 
 
 def extract_answer(text: str) -> str | None:
-    """The last boxed answer, else a 'final answer is ...' phrase; None when there is none (never the text)."""
     boxed = extract_boxed(text)
     if boxed is not None:
         return boxed
-    m = re.findall(r"final answer is[:\s]*\$?([^\n$]{1,64}?)\$?\s*(?:\.|\n|$)", text, flags=re.IGNORECASE)
-    return m[-1].strip() if m else None
+    for pattern in _FALLBACKS:
+        found = pattern.findall(text)
+        if found:
+            return found[-1].strip()
+    return None
+
+
+def _clean(ans: str) -> str:
+    ans = re.sub(r"\\text\{([^{}]*)\}", r"\1", ans)
+    ans = re.sub(r"\\(?:left|right|!|,|;|:|quad|qquad)", "", ans)
+    ans = ans.replace("^\\circ", "").replace("^{\\circ}", "").replace("\\$", "").replace("$", "")
+    ans = ans.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    return ans.strip().rstrip(".").strip()
+
+
+def _integer(ans: str) -> int | None:
+    ans = _clean(ans).replace(",", "").replace("{", "").replace("}", "")
+    ans = re.sub(r"\s+", "", ans)
+    if re.fullmatch(r"[+-]?\d{1,12}(?:\.0+)?", ans):
+        return int(float(ans)) if "." in ans else int(ans)
+    return None
+
+
+def _number(ans: str) -> float | None:
+    ans = _clean(ans).replace(",", "")
+    ans = re.sub(r"\s+", "", ans).rstrip("%")
+    m = re.fullmatch(r"[+-]?(?:\d{1,15}(?:\.\d{0,15})?|\.\d{1,15})", ans)
+    return float(ans) if m else None
+
+
+def _warm_worker() -> bool:
+    import math_verify  # noqa: F401  (sympy and the parsers load once, outside any check's time limit)
+
+    return True
+
+
+def _verify_worker(gold: str, target: str) -> bool:
+    from math_verify import parse, verify
+
+    g = parse(f"\\boxed{{{gold}}}", parsing_timeout=None)
+    t = parse(f"\\boxed{{{target}}}", parsing_timeout=None)
+    return bool(g) and bool(t) and bool(verify(g, t, timeout_seconds=None))
+
+
+class Grader:
+    """Grades outputs; math checks run in a worker process with a wall-clock limit per check."""
+
+    def __init__(self, timeout: float = 5.0):
+        self.timeout = timeout
+        self.timeouts = 0
+        self._pool: cf.ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _submit(self, gold: str, target: str) -> bool:
+        with self._lock:
+            if self._pool is None:
+                # fork where there is one: spawn would re-import a __main__ that may not be importable
+                method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+                self._pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context(method))
+                self._pool.submit(_warm_worker).result(timeout=120)
+            fut = self._pool.submit(_verify_worker, gold, target)
+            try:
+                return fut.result(timeout=self.timeout)
+            except cf.TimeoutError:
+                self.timeouts += 1
+                self._kill()
+                return False
+            except Exception:  # a parse or sympy failure on odd output: not equivalent
+                return False
+
+    def _kill(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            for p in list(getattr(pool, "_processes", {}).values()):
+                p.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._kill()
+
+    def grade(self, output: str, reference: str, mode: str) -> bool:
+        if mode not in ("aime", "math", "gsm8k"):
+            raise ValueError(f"unknown grading mode {mode!r}; use aime, math or gsm8k")
+        ans = extract_answer(output)
+        if ans is None or len(ans) > MAX_ANSWER_CHARS:
+            return False
+        reference = str(reference).strip()
+        if mode == "aime":
+            got, want = _integer(ans), _integer(reference)
+            return got is not None and want is not None and got == want
+        if mode == "gsm8k":
+            got, want = _number(ans), _number(reference.split("####")[-1])
+            return got is not None and want is not None and abs(got - want) <= 1e-6 * max(1.0, abs(want))
+        # math: identical after light normalisation, else math-verify
+        a, r = _clean(ans), _clean(reference)
+        if re.sub(r"\s+", "", a) == re.sub(r"\s+", "", r):
+            return True
+        ref_percent = "%" in r
+        if "%" in a and not ref_percent:
+            a = a.replace("\\%", "").replace("%", "")  # "50%" may match "50", never "0.5"
+        if ref_percent:
+            a, r = a.replace("\\%", "").replace("%", ""), r.replace("\\%", "").replace("%", "")
+        return self._submit(r, a)
+
+
+_DEFAULT = Grader()
+
+
+def grade(output: str, reference: str, mode: str) -> bool:
+    """Is the answer in `output` equal to `reference`? (see `Grader`)"""
+    return _DEFAULT.grade(output, reference, mode)
 
 
 def grade_integer(output: str, reference: str) -> bool:
-    """AIME / demo style: the extracted answer is the reference integer (leading zeros, commas allowed)."""
-    ans = extract_answer(output)
-    if ans is None:
-        return False
-    ans = re.sub(r"\\text\{([^}]*)\}", r"\1", ans).replace(",", "").replace("^\\circ", "").strip().rstrip(".")
-    if not re.fullmatch(r"-?\d{1,12}", ans):
-        return False
-    try:
-        return int(ans) == int(reference)
-    except ValueError:
-        return False
+    """Demo / AIME style integer answers."""
+    return _DEFAULT.grade(output, reference, "aime")

@@ -1,0 +1,116 @@
+"""Answer extraction and grading, including timeouts off the main thread and pathological outputs."""
+import concurrent.futures as cf
+import json
+import os
+import time
+
+import pytest
+
+from conftest import SHARED_DATA
+from lt_train.eval.grader import Grader, extract_answer, grade
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so \\boxed{12} and then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("\\fbox{7}", "7"),
+    ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+    ("The final answer is $42$.", "42"),
+    ("blah\n#### 1,234", "1,234"),
+    ("Q: ...\nA: 18", "18"),
+    ("no answer here", None),
+    ("unbalanced \\boxed{3 + {4", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("output,ref,ok", [
+    ("\\boxed{042}", "42", True),
+    ("\\boxed{\\text{204}}", "204", True),
+    ("\\boxed{90^\\circ}", "90", True),
+    ("\\boxed{204.}", "204", True),
+    ("\\boxed{205}", "204", False),
+    ("The answer is 204", "204", False),  # no boxed answer, no 'final answer is'
+])
+def test_aime(output, ref, ok):
+    assert grade(output, ref, "aime") == ok
+
+
+def test_thousands_separators():
+    assert grade("\\boxed{1,000}", "1000", "aime")
+
+
+@pytest.mark.parametrize("output,ref,ok", [
+    ("\\boxed{\\frac{1}{2}}", "\\frac12", True),
+    ("\\boxed{0.5}", "\\frac{1}{2}", True),
+    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", True),
+    ("\\boxed{[1, 3)}", "[1,3)", True),
+    ("\\boxed{\\{1,2\\}}", "\\{2,1\\}", True),
+    ("\\boxed{50\\%}", "50\\%", True),
+    ("\\boxed{50\\%}", "0.5", False),  # a percent never matches the fraction
+    ("\\boxed{0.5}", "50\\%", False),
+    ("\\boxed{3}", "4", False),
+])
+def test_math(output, ref, ok):
+    assert grade(output, ref, "math") == ok
+
+
+@pytest.mark.parametrize("output,ref,ok", [
+    ("#### 1,234", "1234", True),
+    ("A: 18", "#### 18", True),
+    ("\\boxed{18.0}", "18", True),
+    ("\\boxed{19}", "18", False),
+])
+def test_gsm8k(output, ref, ok):
+    assert grade(output, ref, "gsm8k") == ok
+
+
+def test_unknown_mode():
+    with pytest.raises(ValueError, match="unknown grading mode"):
+        grade("\\boxed{1}", "1", "mmlu")
+
+
+def test_pathological_outputs_finish_quickly():
+    t0 = time.perf_counter()
+    assert not grade("\\boxed{" + "9" * 100_000 + "}", "9", "aime")
+    assert not grade("\\boxed{" * 50_000, "1", "math")
+    assert not grade("x" * 200_000, "1", "gsm8k")
+    assert time.perf_counter() - t0 < 5
+
+
+def test_timeout_works_off_the_main_thread_and_is_counted():
+    """math-verify shrugs off huge expressions quickly, so a tiny limit stands in for a check that overruns:
+    the worker is killed, the check counts as wrong and as a timeout, and the next check gets a new worker."""
+    g = Grader(timeout=1e-4)
+    try:
+        with cf.ThreadPoolExecutor(1) as ex:  # math-verify's signal-based timeout would fail here
+            t0 = time.perf_counter()
+            ok = ex.submit(g.grade, "\\boxed{\\frac{2}{4}}", "\\frac12", "math").result()
+        assert not ok and g.timeouts == 1 and time.perf_counter() - t0 < 60
+        g.timeout = 30.0
+        assert g.grade("\\boxed{\\frac{2}{4}}", "\\frac12", "math") and g.timeouts == 1
+    finally:
+        g.close()
+
+
+def _mode(row_id: str) -> str:
+    return "aime" if "aime" in row_id else "gsm8k" if "gsm8k" in row_id else "math"
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, "model_outputs.jsonl")),
+                    reason="../shared/data/model_outputs.jsonl is not present")
+def test_agreement_with_source_verdicts_on_real_outputs():
+    """Real AIME / MATH / GSM8K generations with their source's own correctness labels: every disagreement
+    must be one listed, with its justification, in tests/fixtures/grader_disagreements.json."""
+    rows = [json.loads(line) for line in open(os.path.join(SHARED_DATA, "model_outputs.jsonl"), encoding="utf-8")]
+    rows = [r for r in rows if r["source_score"] is not None]
+    fixture = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "grader_disagreements.json")))
+    assert all(d["justification"] for d in fixture)
+    disagree = {}
+    for r in rows:
+        ours = grade(r["output"], r["answer"], _mode(r["id"]))
+        if ours != (str(r["source_score"]) == "True"):
+            disagree[r["id"]] = ours
+    assert len(rows) >= 600
+    assert disagree == {d["id"]: d["ours"] for d in fixture}
+    print(f"agreement with source verdicts: {len(rows) - len(disagree)}/{len(rows)}")
