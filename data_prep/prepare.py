@@ -10,14 +10,13 @@ from omegaconf import DictConfig
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lt_train.data.prepare import plot_lengths, prepare, summary  # noqa: E402
 from lt_train.io import atomic_write_json  # noqa: E402
-from lt_train.models import load_tokenizer, tiny_tokenizer  # noqa: E402
+from lt_train.models import tokenizer_from_config  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="prepare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    name = cfg.model.name
-    tok = tiny_tokenizer() if name == "tiny" else load_tokenizer(name, revision=cfg.model.get("revision"))
-    ds, stats, path = prepare(cfg.data, tok, name, cfg.cache_dir, progress=True)
+    tok = tokenizer_from_config(cfg.model)
+    ds, stats, path = prepare(cfg.data, tok, cfg.model.name, cfg.cache_dir, progress=True)
     os.makedirs(cfg.output_dir, exist_ok=True)
     plot_lengths(os.path.join(cfg.output_dir, "lengths.png"), stats, cfg.data.get("max_length"), cfg.data.name)
     atomic_write_json(os.path.join(cfg.output_dir, "stats.json"), {**asdict(stats), "cache": path})

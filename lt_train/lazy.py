@@ -15,6 +15,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from .nll import decoder_of
+
 STRATEGIES = ("default", "nll", "ratio", "frequency", "random", "first", "last", "pyramid")
 DEFAULT_STRATEGY = "nll"  # measured best on SmolLM2 (README, benchmarks/selection_quality.py)
 
@@ -86,10 +88,6 @@ def _register_probe(base: str) -> str:
     return name
 
 
-def _decoder(model):
-    return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-
-
 @torch.no_grad()
 def lazy_ratios_per_head(model, input_ids, sink_tokens: int = 4, recent_tokens: int = 1020,
                          last_queries: int = 64, attention_mask=None) -> torch.Tensor:
@@ -112,7 +110,7 @@ def lazy_ratios_per_head(model, input_ids, sink_tokens: int = 4, recent_tokens: 
         for m in modules:
             m._lt_probe = record
         pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
+        decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
     finally:
         for m in modules:
             del m._lt_probe

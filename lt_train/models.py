@@ -150,15 +150,21 @@ def tiny_tokenizer():
     return fast
 
 
+def tokenizer_from_config(mcfg):
+    """The tokenizer of a Hydra `model` config (conf/model/*.yaml)."""
+    if mcfg["name"] == "tiny":
+        return tiny_tokenizer()
+    return load_tokenizer(mcfg["name"], trust_remote_code=bool(mcfg.get("trust_remote_code", False)),
+                          revision=mcfg.get("revision"))
+
+
 def load_from_config(mcfg):
     """(model, tokenizer) from a Hydra `model` config (conf/model/*.yaml)."""
     dtype = getattr(torch, mcfg.get("dtype", "float32"))
     if mcfg["name"] == "tiny":
         model = tiny_model(mcfg.get("arch", "llama"), int(mcfg.get("num_layers", 4)), int(mcfg.get("seed", 0)),
                            mcfg.get("attn_implementation", "sdpa"))
-        return model.to(dtype), tiny_tokenizer()
+        return model.to(dtype), tokenizer_from_config(mcfg)
     model = load_model(mcfg["name"], dtype=dtype, trust_remote_code=bool(mcfg.get("trust_remote_code", False)),
                        revision=mcfg.get("revision"), attn_implementation=mcfg.get("attn_implementation", "sdpa"))
-    tok = load_tokenizer(mcfg["name"], trust_remote_code=bool(mcfg.get("trust_remote_code", False)),
-                         revision=mcfg.get("revision"))
-    return model.eval(), tok
+    return model.eval(), tokenizer_from_config(mcfg)

@@ -1,8 +1,35 @@
-"""Teacher-forced negative log-likelihood, with the LM head applied in chunks (no T x vocab logits)."""
+"""Token losses with the LM head applied in chunks (no T x vocab logits): for evaluation and for training."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def decoder_of(model):
+    """The decoder stack of a causal LM (also through peft and DeepSpeed wrappers): hidden states only."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+
+
+def lm_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024,
+                     checkpoint_head: bool = True) -> torch.Tensor:
+    """Sum of next-token cross-entropies for decoder states `hidden` [B, T, H] and `labels` [B, T] (-100
+    ignored). With gradients, each chunk is checkpointed so that its logits are not kept for backward
+    (`checkpoint_head=False` under ZeRO-3: re-running the head in backward would meet its weight already
+    partitioned again)."""
+    head = model.get_output_embeddings()
+    hidden, targets = hidden[:, :-1], labels[:, 1:]
+
+    def part(h, t):
+        logits = head(h).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), ignore_index=-100,
+                               reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, targets.shape[1], chunk):
+        h, t = hidden[:, s : s + chunk], targets[:, s : s + chunk]
+        total = total + (torch.utils.checkpoint.checkpoint(part, h, t, use_reentrant=False)
+                         if checkpoint_head and torch.is_grad_enabled() else part(h, t))
+    return total
 
 
 @torch.no_grad()
@@ -17,25 +44,18 @@ def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     labels = input_ids if labels is None else labels
     labels = labels.masked_fill(attention_mask == 0, -100)
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
-                     use_cache=False).last_hidden_state
-    head = model.get_output_embeddings()
-    targets = labels[:, 1:]
-    total, count = 0.0, 0
-    for s in range(0, targets.shape[1], chunk):
-        logits = head(hidden[:, :-1][:, s : s + chunk]).float()
-        t = targets[:, s : s + chunk]
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), ignore_index=-100,
-                                 reduction="sum").item()
-        count += int((t != -100).sum())
-    return total, count
+    hidden = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                               use_cache=False).last_hidden_state
+    total = lm_head_loss_sum(model, hidden, labels, chunk)
+    return total.item(), int((labels[:, 1:] != -100).sum())
 
 
-def mean_nll(model, samples: list[torch.Tensor]) -> float:
-    """Token-weighted mean NLL over a list of 1-D token-id tensors."""
+def mean_nll(model, samples: list[torch.Tensor], labels: list[torch.Tensor] | None = None) -> float:
+    """Token-weighted mean NLL over 1-D token-id tensors (optionally with their labels, -100 ignored)."""
+    dev = next(model.parameters()).device
     total = count = 0
-    for ids in samples:
-        t, c = token_nll(model, ids.to(model.device))
+    for n, ids in enumerate(samples):
+        lab = None if labels is None else labels[n][None].to(dev)
+        t, c = token_nll(model, ids.to(dev), labels=lab)
         total, count = total + t, count + c
     return total / max(count, 1)

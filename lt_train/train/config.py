@@ -20,12 +20,6 @@ def num_layers_of(mcfg) -> int:
     return cfg.get_text_config(decoder=True).num_hidden_layers
 
 
-def _is_cached(name: str) -> bool:
-    from ..models import cache_dir
-
-    return (cache_dir() / name / "config.json").exists()
-
-
 def validate(cfg, world_size: int) -> None:
     tr, ds, lz = cfg.train, cfg.deepspeed, cfg.lazy
     if tr.mode not in MODES:
@@ -53,9 +47,8 @@ def validate(cfg, world_size: int) -> None:
             raise FileNotFoundError(f"lazy.from_file={lz.from_file!r} does not exist")
     if cfg.data.get("source") in ("jsonl", "json", "parquet") and not os.path.isfile(cfg.data.path):
         raise FileNotFoundError(f"data.path={cfg.data.path!r} does not exist")
-    if cfg.model.name != "tiny" and not _is_cached(cfg.model.name) and cfg.model.name.startswith(("/", ".")):
-        if not os.path.isdir(cfg.model.name):
-            raise FileNotFoundError(f"model.name={cfg.model.name!r} does not exist")
+    if cfg.model.name.startswith(("/", ".")) and not os.path.isdir(cfg.model.name):  # a local path
+        raise FileNotFoundError(f"model.name={cfg.model.name!r} does not exist")
     layers = lz.get("layers")
     if layers is not None:
         n = num_layers_of(cfg.model)

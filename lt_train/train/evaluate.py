@@ -5,17 +5,12 @@ import torch
 
 from ..data import Example
 from ..eval.grader import grade_integer
-from ..nll import token_nll
+from ..nll import mean_nll
 
 
-@torch.no_grad()
 def heldout_nll(model, encoded) -> float:
-    total = count = 0
-    dev = next(model.parameters()).device
-    for e in encoded:
-        t, c = token_nll(model, e.input_ids.to(dev), labels=e.labels[None].to(dev))
-        total, count = total + t, count + c
-    return total / max(count, 1)
+    """Mean NLL on the response tokens of encoded examples."""
+    return mean_nll(model, [e.input_ids for e in encoded], [e.labels for e in encoded])
 
 
 @torch.no_grad()

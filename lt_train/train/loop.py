@@ -21,6 +21,7 @@ from ..hybrid import HybridConfig, convert_to_hybrid, set_lazy_layers
 from ..io import atomic_write_json
 from ..lazy import select_with_stats
 from ..models import load_from_config
+from ..nll import decoder_of, lm_head_loss_sum
 from ..tracking import init_wandb
 from . import checkpoint as ckpt
 from .config import validate
@@ -53,28 +54,12 @@ def plan_rows(lengths: list[int], pack_length: int, seed: int, epochs: int) -> l
     return rows
 
 
-def token_loss_sum(model, batch, chunk: int = 1024, checkpoint_head: bool = True) -> torch.Tensor:
-    """Sum of token NLLs of a batch; the LM head runs in chunks, checkpointed so that no full T x vocab
-    logits are kept for backward. (Not under ZeRO-3: re-running the head in backward would meet its
-    weight already partitioned again.)"""
+def token_loss_sum(model, batch, checkpoint_head: bool = True) -> torch.Tensor:
+    """Sum of token NLLs of a batch (see `nll.lm_head_loss_sum`)."""
     inputs = batch.model_inputs()
     labels = inputs.pop("labels")
-    decoder = model.get_decoder()
-    hidden = decoder(**{k: v for k, v in inputs.items()}).last_hidden_state[:, :-1]
-    targets = labels[:, 1:]
-    head = model.get_output_embeddings()
-
-    def part(h, t):
-        logits = head(h).float()
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, targets.shape[1], chunk):
-        h, t = hidden[:, s : s + chunk], targets[:, s : s + chunk]
-        total = total + (torch.utils.checkpoint.checkpoint(part, h, t, use_reentrant=False)
-                         if checkpoint_head and torch.is_grad_enabled() else part(h, t))
-    return total
+    hidden = decoder_of(model)(**inputs).last_hidden_state
+    return lm_head_loss_sum(model, hidden, labels, checkpoint_head=checkpoint_head)
 
 
 def _choose_lazy(cfg, model, train_encoded, out_dir, rank) -> list[int]:
@@ -197,12 +182,12 @@ def train(cfg) -> dict:
     model = _wrap_trainable(cfg, model)
     model.train()
     tr = cfg.train
-    rows = plan_rows([len(e.input_ids) for e in train_enc], tr.pack_length, seed, int(tr.epochs or 1))
+    lengths = [len(e.input_ids) for e in train_enc]
+    rows = plan_rows(lengths, tr.pack_length, seed, int(tr.epochs or 1))
     per_step = tr.grad_accum * world_size
     max_steps = int(tr.max_steps) if tr.max_steps else len(rows) // per_step
     if max_steps * per_step > len(rows):  # more steps than one pass: keep cycling through more epochs
-        reps = math.ceil(max_steps * per_step / len(rows))
-        rows = plan_rows([len(e.input_ids) for e in train_enc], tr.pack_length, seed, reps)
+        rows = plan_rows(lengths, tr.pack_length, seed, math.ceil(max_steps * per_step / len(rows)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(tr.warmup_ratio * max_steps), max_steps))
