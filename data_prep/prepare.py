@@ -7,7 +7,9 @@ from dataclasses import asdict
 import hydra
 from omegaconf import DictConfig
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from lt_train.cli import expand_shortcuts  # noqa: E402
 from lt_train.data.prepare import plot_lengths, prepare, summary  # noqa: E402
 from lt_train.io import atomic_write_json  # noqa: E402
 from lt_train.models import tokenizer_from_config  # noqa: E402
@@ -25,4 +27,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = expand_shortcuts(sys.argv[1:], os.path.join(ROOT, "conf"), ("model",))
     main()

@@ -159,6 +159,24 @@ def _layer_nbytes(layer) -> int:
     return 0
 
 
+def cache_nbytes(cache) -> int:
+    """Bytes a cache holds now (keys, values and streaming metadata), or its prefill peak when that was larger
+    (`OnlineHybridCache` keeps full caches for a while before compressing them)."""
+    now = sum(_layer_nbytes(x) for x in cache.layers)
+    return max(now, getattr(cache, "peak_nbytes", 0))
+
+
+def new_cache(model) -> Cache:
+    """A fresh cache for `model.generate(cache=...)`: the hybrid cache of a converted model, else the
+    default dynamic cache. Passing it in lets the caller read its size afterwards."""
+    from .hybrid import CONFIG_KEY
+
+    config = model.config
+    if getattr(config.get_text_config(decoder=True), CONFIG_KEY, None) is not None:
+        return make_cache(config)
+    return DynamicCache(config=config)
+
+
 class HybridCache(Cache):
     """Per-layer cache of a hybrid model: the model's own layers for full layers, `StreamingLayer` for lazy ones.
 

@@ -29,3 +29,11 @@ def atomic_write_json(path: str, obj) -> None:
             f.write("\n")
 
     atomic_write(path, write)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)

@@ -82,15 +82,23 @@ def _check_local(path: str) -> None:
         raise FileNotFoundError(f"model directory {path!r} has no *.safetensors weights (only safetensors are loaded)")
 
 
-def load_model(name_or_path: str = "smollm2-135m", dtype: torch.dtype = torch.float32,
+def load_model(name_or_path: str = "smollm2-135m", dtype: torch.dtype | str = torch.float32,
                trust_remote_code: bool = False, revision: str | None = None, **kwargs):
-    """A causal LM from a hub id, a local directory or a built-in name, weights from safetensors only."""
-    from transformers import AutoModelForCausalLM
+    """A causal LM from a hub id, a local directory or a built-in name, weights from safetensors only.
+
+    A checkpoint saved after `convert_to_hybrid` (the trainer's `model/` export) comes back hybrid, its
+    streaming layers restored by `load_hybrid`; `dtype="auto"` keeps the checkpoint's own dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .hybrid import CONFIG_KEY, load_hybrid
 
     path = resolve(name_or_path)
     _check_local(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                revision=revision, use_safetensors=True, **kwargs)
+    kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, revision=revision, use_safetensors=True, **kwargs)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    if getattr(config.get_text_config(decoder=True), CONFIG_KEY, None) is not None:
+        return load_hybrid(path, **kw)
+    return AutoModelForCausalLM.from_pretrained(path, **kw)
 
 
 def load_tokenizer(name_or_path: str = "smollm2-135m", trust_remote_code: bool = False, **kwargs):
@@ -160,11 +168,14 @@ def tokenizer_from_config(mcfg):
 
 def load_from_config(mcfg):
     """(model, tokenizer) from a Hydra `model` config (conf/model/*.yaml)."""
-    dtype = getattr(torch, mcfg.get("dtype", "float32"))
+    dtype = mcfg.get("dtype", "float32")
+    dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     if mcfg["name"] == "tiny":
         model = tiny_model(mcfg.get("arch", "llama"), int(mcfg.get("num_layers", 4)), int(mcfg.get("seed", 0)),
                            mcfg.get("attn_implementation", "sdpa"))
-        return model.to(dtype), tokenizer_from_config(mcfg)
+        return (model if dtype == "auto" else model.to(dtype)), tokenizer_from_config(mcfg)
+    extra = {"device_map": mcfg["device_map"]} if mcfg.get("device_map") else {}
     model = load_model(mcfg["name"], dtype=dtype, trust_remote_code=bool(mcfg.get("trust_remote_code", False)),
-                       revision=mcfg.get("revision"), attn_implementation=mcfg.get("attn_implementation", "sdpa"))
+                       revision=mcfg.get("revision"), attn_implementation=mcfg.get("attn_implementation", "sdpa"),
+                       **extra)
     return model.eval(), tokenizer_from_config(mcfg)

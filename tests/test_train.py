@@ -47,7 +47,7 @@ def test_exported_model_is_the_trained_hybrid(full_run):
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_killed_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path, mode):
-    args = [f"train={mode}", "train.max_steps=6", "train.save_every=2", "eval.enabled=false"]
+    args = [f"train={mode}", "train.max_steps=6", "train.save_every=2", "validation.enabled=false"]
     _ok(run_train(tmp_path / "a", args))
     killed = run_train(tmp_path / "b", args + ["train.exit_after_step=5"])
     assert killed.returncode == 3  # stopped abruptly after step 5; the last checkpoint is step 4
@@ -80,7 +80,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypa
 
 
 def test_wandb_offline_run_holds_the_metrics(tmp_path):
-    _ok(run_train(tmp_path, ["train.max_steps=3", "logging.wandb=true", "eval.enabled=false"],
+    _ok(run_train(tmp_path, ["train.max_steps=3", "logging.wandb=true", "validation.enabled=false"],
                   env={"WANDB_MODE": "offline", "WANDB_API_KEY": ""}))
     from wandb_reader import logged_keys
 
@@ -144,7 +144,7 @@ def test_step_loss_is_normalised_by_target_tokens_not_by_batches():
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
-    args = ["train=full", "train.max_steps=3", "train.save_every=0", "eval.enabled=false"]
+    args = ["train=full", "train.max_steps=3", "train.save_every=0", "validation.enabled=false"]
     _ok(run_train(tmp_path / "a", args))
     _ok(run_train(tmp_path / "b", args + ["train.gradient_checkpointing=true"]))
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")

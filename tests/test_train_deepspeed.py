@@ -25,9 +25,9 @@ def test_deepspeed_two_processes_learn_and_resume_exactly(tmp_path, stage, mode)
     model = load_hybrid(str(tmp_path / "a" / "model"))
     assert model.config.lt_hybrid["lazy_layers"] == [1, 3]
 
-    killed = run_train(tmp_path / "b", args + ["eval.enabled=false", "train.exit_after_step=5"], nproc=2)
+    killed = run_train(tmp_path / "b", args + ["validation.enabled=false", "train.exit_after_step=5"], nproc=2)
     assert killed.returncode != 0
-    resumed = run_train(tmp_path / "b", args + ["eval.enabled=false"], nproc=2)
+    resumed = run_train(tmp_path / "b", args + ["validation.enabled=false"], nproc=2)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     lb = losses(tmp_path / "b")
@@ -37,7 +37,7 @@ def test_deepspeed_two_processes_learn_and_resume_exactly(tmp_path, stage, mode)
 
 def test_zero3_cpu_offload_with_bf16(tmp_path):
     proc = run_train(tmp_path, ["deepspeed=zero3_offload", "train=full", "train.lr=1e-3", "train.bf16=true",
-                                "train.max_steps=4", "train.save_every=2", "eval.enabled=false"], nproc=2)
+                                "train.max_steps=4", "train.save_every=2", "validation.enabled=false"], nproc=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ls = losses(tmp_path)
     assert len(ls) == 4 and ls[4] < ls[1]

@@ -6,7 +6,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model=tiny", "data.num_samples=24", "data.max_length=1500", "train.pack_length=1600", "train.grad_accum=1",
-        "lazy.recent_tokens=64", "lazy.layers=[1,3]", "eval.heldout=2", "eval.accuracy_problems=0"]
+        "lazy.recent_tokens=64", "lazy.layers=[1,3]", "validation.heldout=2", "validation.accuracy_problems=0"]
 
 
 def run_train(out_dir, overrides=(), nproc=1, timeout=900, env=None):

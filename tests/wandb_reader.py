@@ -43,3 +43,12 @@ def logged_keys(path: str) -> tuple[set, set]:
         elif kind == "config":
             cfg |= {i.key or "/".join(i.nested_key) for i in r.config.update}
     return hist, cfg
+
+
+def summary_keys(path: str) -> set:
+    """Keys of the run summary (`run.summary[...]`) recorded in a run file."""
+    keys = set()
+    for r in records(path):
+        if r.WhichOneof("record_type") == "summary":
+            keys |= {i.key or "/".join(i.nested_key) for i in r.summary.update}
+    return keys

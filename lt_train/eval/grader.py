@@ -122,6 +122,15 @@ class Grader:
         with self._lock:
             self._kill()
 
+    def equivalent(self, a: str, b: str) -> bool:
+        """Are two extracted answers the same math object? (majority voting in "math" mode)"""
+        a, b = _clean(a), _clean(b)
+        if re.sub(r"\s+", "", a) == re.sub(r"\s+", "", b):
+            return True
+        if max(len(a), len(b)) > MAX_ANSWER_CHARS:
+            return False
+        return self._submit(a, b)
+
     def grade(self, output: str, reference: str, mode: str) -> bool:
         if mode not in ("aime", "math", "gsm8k"):
             raise ValueError(f"unknown grading mode {mode!r}; use aime, math or gsm8k")

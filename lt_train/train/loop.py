@@ -18,7 +18,7 @@ from ..data.collate import collate_packed, pack_bins
 from ..data.format import EncodedExample
 from ..data.prepare import prepare
 from ..hybrid import HybridConfig, convert_to_hybrid, set_lazy_layers
-from ..io import atomic_write_json
+from ..io import atomic_write_json, atomic_write_text
 from ..lazy import select_with_stats
 from ..models import load_from_config
 from ..nll import decoder_of, lm_head_loss_sum
@@ -83,12 +83,12 @@ def _choose_lazy(cfg, model, train_encoded, out_dir, rank) -> list[int]:
 
 
 def _evaluate(cfg, model, tok, heldout, problems, label, rank, results: dict) -> None:
-    if rank != 0 or not cfg.eval.enabled:
+    if rank != 0 or not cfg.validation.enabled:
         return
     model.eval()
     t0 = time.perf_counter()
     nll = heldout_nll(model, heldout)
-    acc = demo_accuracy(model, tok, problems, cfg.eval.max_new_tokens, cfg.eval.batch_size) if problems else None
+    acc = demo_accuracy(model, tok, problems, cfg.validation.max_new_tokens, cfg.validation.batch_size) if problems else None
     results[label] = {"heldout_nll": round(nll, 4), "demo_accuracy": acc}
     _log(rank, f"eval {label}: held-out NLL {nll:.4f}, demo accuracy {acc} ({time.perf_counter() - t0:.0f}s)")
 
@@ -161,12 +161,12 @@ def train(cfg) -> dict:
     if rank == 0:
         barrier()
     encoded = [EncodedExample(torch.tensor(r["input_ids"]), torch.tensor(r["labels"])) for r in ds]
-    n_eval = int(cfg.eval.heldout)  # held out whether or not eval runs, so the training data never changes
+    n_eval = int(cfg.validation.heldout)  # held out whether or not eval runs, so the training data never changes
     if len(encoded) <= n_eval:
-        raise ValueError(f"{len(encoded)} examples cannot leave {n_eval} held out (eval.heldout)")
+        raise ValueError(f"{len(encoded)} examples cannot leave {n_eval} held out (validation.heldout)")
     train_enc, heldout = encoded[: len(encoded) - n_eval], encoded[len(encoded) - n_eval :]
-    problems = (demo_examples(cfg.eval.accuracy_problems, seed=10_000, min_steps=cfg.eval.accuracy_min_steps,
-                              max_steps=cfg.eval.accuracy_max_steps) if cfg.eval.accuracy_problems else [])
+    problems = (demo_examples(cfg.validation.accuracy_problems, seed=10_000, min_steps=cfg.validation.accuracy_min_steps,
+                              max_steps=cfg.validation.accuracy_max_steps) if cfg.validation.accuracy_problems else [])
     _log(rank, f"data: {stats.examples} examples ({len(train_enc)} train, {len(heldout)} held out), "
                f"{stats.truncated} truncated, {stats.dropped_too_long} dropped")
 
@@ -291,6 +291,5 @@ def _write_summary(out_dir: str, results: dict, lazy: list[int], cfg) -> None:
         lines.append(f"| {k} | {v['heldout_nll']:.4f} | {acc} |")
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
-    with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(text)
+    atomic_write_text(os.path.join(out_dir, "summary.md"), text)
     atomic_write_json(os.path.join(out_dir, "summary.json"), {"results": results, "lazy_layers": lazy})

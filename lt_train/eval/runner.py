@@ -1,0 +1,86 @@
+"""Run one model over a benchmark: generate the missing samples batch by batch, grade, store, summarise."""
+from __future__ import annotations
+
+import logging
+
+from .benchmarks import Problem
+from .grader import Grader, extract_answer
+from .metrics import aggregate, problem_metrics
+from .sampling import GenSettings, batch_seed, build_prompt, generate_batch, plan_batches
+from .store import SampleStore
+
+log = logging.getLogger(__name__)
+
+
+def generate_missing(model, tokenizer, problems: list[Problem], gs: GenSettings, mode: str, store: SampleStore,
+                     grader: Grader, progress: bool = True, desc: str = "eval") -> int:
+    """Generate and grade every sample `store` does not hold yet; returns how many were generated.
+
+    A batch with any missing sample is generated whole, with its own seed, so its rows come out as they would
+    have in an uninterrupted run; only the missing rows are written."""
+    from tqdm.auto import tqdm
+
+    prompts = [build_prompt(tokenizer, p.question, gs.instruction, gs.system_prompt) for p in problems]
+    plan = plan_batches(len(problems), gs.n_samples, gs.batch_size)
+    todo = [(b, rows) for b, rows in enumerate(plan) if any(not store.done(problems[p].id, s) for p, s in rows)]
+    missing = sum(not store.done(problems[p].id, s) for _, rows in todo for p, s in rows)
+    if len(store.records):
+        log.info("%s: resuming, %d samples done, %d to go", desc, len(store.records), missing)
+    bar = tqdm(total=missing, desc=desc, unit="sample", disable=not progress)
+    tokens = seconds = 0.0
+    for b, rows in todo:
+        seed = batch_seed(gs.seed, b)
+        out = generate_batch(model, tokenizer, [prompts[p] for p, _ in rows], gs, seed)
+        records = []
+        for (p, s), text, n_tok, fin in zip(rows, out.texts, out.tokens, out.finished):
+            prob = problems[p]
+            if store.done(prob.id, s):
+                continue
+            before = grader.timeouts
+            records.append({
+                "problem": prob.id, "index": p, "sample": s, "batch": b, "seed": seed,
+                "answer": extract_answer(text), "correct": grader.grade(text, prob.answer, mode),
+                "grade_timeout": grader.timeouts > before, "tokens": n_tok, "finished": fin,
+                "batch_tokens": sum(out.tokens), "batch_seconds": round(out.seconds, 4),
+                "kv_bytes": out.kv_bytes, "output": text})
+        store.append(records)
+        tokens += sum(out.tokens)
+        seconds += out.seconds
+        bar.update(len(records))
+        bar.set_postfix(tok_s=f"{tokens / max(seconds, 1e-9):.1f}", kv_MiB=f"{out.kv_bytes / 2**20:.0f}")
+    bar.close()
+    return missing
+
+
+def summarize(records: dict, problems: list[Problem], gs: GenSettings, mode: str, grader: Grader
+              ) -> tuple[dict, list[dict]]:
+    """Accuracy, length, throughput and memory of a finished run; and one row per problem."""
+    rows, all_recs = [], []
+    for i, prob in enumerate(problems):
+        recs = [records.get((prob.id, s)) for s in range(gs.n_samples)]
+        if any(r is None for r in recs):
+            raise ValueError(f"problem {prob.id!r} has {sum(r is not None for r in recs)}/{gs.n_samples} "
+                             "samples; the run is incomplete")
+        all_recs += recs
+        m = problem_metrics([r["correct"] for r in recs], [r["answer"] for r in recs], mode,
+                            grader.equivalent if mode == "math" else None)
+        rows.append(dict(id=prob.id, reference=prob.answer, **m,
+                         mean_tokens=sum(r["tokens"] for r in recs) / len(recs),
+                         truncated=sum(not r["finished"] for r in recs)))
+    summary = aggregate(rows)
+    batches = {r["batch"]: r for r in all_recs}  # per-batch statistics ride on each of the batch's samples
+    gen_tokens = sum(r["batch_tokens"] for r in batches.values())
+    gen_seconds = sum(r["batch_seconds"] for r in batches.values())
+    n = len(all_recs)
+    summary.update({
+        "samples": n,
+        "mean_output_tokens": sum(r["tokens"] for r in all_recs) / n,
+        "truncated": sum(not r["finished"] for r in all_recs),
+        "no_answer": sum(r["answer"] is None for r in all_recs),
+        "grader_timeouts": sum(bool(r.get("grade_timeout")) for r in all_recs),
+        "tokens_per_s": gen_tokens / gen_seconds if gen_seconds > 0 else float("nan"),
+        "generation_seconds": gen_seconds,
+        "peak_kv_bytes": max(r["kv_bytes"] for r in all_recs),
+        "batch_size": gs.batch_size,
+    })
+    return summary, rows

@@ -1,0 +1,351 @@
+"""The evaluator (launch/eval.py): metrics vs brute force, benchmark loading and its errors, batched generation
+vs one-at-a-time generation, crash / torn-write resume vs an uninterrupted run, scripted end-to-end metrics,
+hybrid checkpoints, and the full-vs-hybrid comparison."""
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+from conftest import SHARED_DATA
+from hydra import compose, initialize_config_dir
+
+from lt_train.cli import expand_shortcuts
+from lt_train.eval import job, runner
+from lt_train.eval.benchmarks import load_problems
+from lt_train.eval.grader import Grader
+from lt_train.eval.metrics import aggregate, majority, mean_se, pass_at_k, problem_metrics
+from lt_train.eval.sampling import BatchOutput, GenSettings, build_prompt, gen_settings, generate_batch, plan_batches
+from lt_train.hybrid import HybridConfig, convert_to_hybrid
+from lt_train.models import tiny_model, tiny_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONF = os.path.join(ROOT, "conf")
+TINY = ["model=tiny", "eval=demo", "eval.num_problems=3", "eval.n_samples=2", "eval.max_new_tokens=12",
+        "eval.batch_size=4"]
+
+
+def _cfg(overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("evaluate", overrides=expand_shortcuts(overrides, CONF))
+
+
+def _samples(path):
+    return {(r["problem"], r["sample"]): r for r in map(json.loads, open(path, encoding="utf-8"))}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metrics
+
+def _pass_at_k_brute(n, c, k):
+    """Fraction of the k-subsets of n samples (c correct) holding at least one correct sample."""
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+def test_pass_at_k_equals_brute_force_over_all_subsets():
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert pass_at_k(n, c, k) == pytest.approx(_pass_at_k_brute(n, c, k), abs=1e-12), (n, c, k)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+
+
+def test_mean_and_standard_error():
+    xs = [1.0, 0.25, 0.0, 0.75, 0.5]
+    m, se = mean_se(xs)
+    assert m == pytest.approx(statistics.mean(xs))
+    assert se == pytest.approx(statistics.stdev(xs) / len(xs) ** 0.5)
+    assert mean_se([0.5]) == (0.5, 0.0)
+
+
+def test_majority_vote_normalises_ties_and_merges_equivalent_math_answers():
+    assert majority(["025", "7", "25", None], "aime") == 0        # 025 and 25 vote together
+    assert majority(["7", "25", "25", "7"], "aime") == 0          # tie: first to appear
+    assert majority([None, None], "aime") is None
+    assert majority(["1,000", "1000.0", "12"], "gsm8k") == 0
+    g = Grader()
+    try:
+        answers = ["\\frac{1}{2}", "3", "0.5", "3", "\\dfrac12"]
+        assert majority(answers, "math", g.equivalent) == 0       # 1/2 (x3) beats 3 (x2)
+        assert majority(answers, "math") == 1                     # without equivalence: "3" has the most
+    finally:
+        g.close()
+
+
+def test_aggregate_refuses_incomplete_runs():
+    a = problem_metrics([True, False], ["1", "2"], "aime")
+    b = problem_metrics([True], ["1"], "aime")
+    with pytest.raises(ValueError, match="different sample counts"):
+        aggregate([a, b])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# benchmarks and their errors
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data is absent")
+@pytest.mark.parametrize("bench,file,count,extra", [
+    ("aime24", "aime24.jsonl", 30, []),
+    ("aime25", "aime25.jsonl", 30, []),
+    ("math500", "math500.jsonl", 500, ["eval.columns.id=id"]),
+    ("gsm8k", "gsm8k_test.jsonl", 1319, ["eval.columns.question=problem", "eval.columns.id=id",
+                                         "eval.answer_after=null"]),
+])
+def test_benchmarks_load_from_local_files(bench, file, count, extra):
+    path = os.path.join(SHARED_DATA, file)
+    problems = load_problems(_cfg([f"eval={bench}", f"eval.path={path}", *extra]).eval)
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+    assert len(problems) == count == len(rows)
+    assert [(p.id, p.question, p.answer) for p in problems] == [(r["id"], r["problem"], str(r["answer"]).strip())
+                                                                 for r in rows]
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data is absent")
+def test_gsm8k_answers_cut_from_hub_style_solutions_match_the_answer_column():
+    path = os.path.join(SHARED_DATA, "gsm8k_test.jsonl")
+    # the hub's GSM8K has only `answer` = solution ending in "#### n"; the local file also keeps the solution
+    cut = load_problems(_cfg(["eval=gsm8k", f"eval.path={path}", "eval.columns.question=problem",
+                              "eval.columns.answer=solution"]).eval)
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+    assert [p.answer for p in cut] == [r["answer"] for r in rows]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([{"id": "a", "problem": "1+1?", "answer": "2"}, {"id": "b", "problem": "2+2?"}],
+     "row 2: no answer column 'answer'"),
+    ([{"id": "a", "problem": "1+1?", "answer": ""}], "row 1: answer column 'answer' is missing or empty"),
+    ([{"id": "a", "problem": "1+1?", "answer": None}], "row 1: answer column 'answer' is missing or empty"),
+    ([{"id": "a", "problem": "1+1?", "answer": "2"}, {"id": "a", "problem": "3?", "answer": "3"}],
+     "duplicate id 'a'"),
+    ([{"id": "a", "question": "1+1?", "answer": "2"}], "no question column 'problem'"),
+    ([], "has no problems"),
+])
+def test_bad_benchmark_files_fail_clearly(tmp_path, rows, message):
+    path = _write(tmp_path / "bench.jsonl", rows)
+    with pytest.raises(ValueError, match=message) as e:
+        load_problems(_cfg([f"eval={path}"]).eval)
+    assert "bench.jsonl" in str(e.value)
+
+
+def test_command_line_shortcuts():
+    assert expand_shortcuts(["model=Qwen/QwQ-32B", "model=tiny", "eval=aime24"], CONF) == \
+        ["model=hub", "model.name=Qwen/QwQ-32B", "model=tiny", "eval=aime24"]
+    assert expand_shortcuts(["eval=data/my file.jsonl"], CONF) == ["eval=custom", "eval.path='data/my file.jsonl'"]
+    assert expand_shortcuts(["eval=aime2023"], CONF) == ["eval=aime2023"]  # left for Hydra to report
+    assert expand_shortcuts(["model=hub", "model.name=x"], CONF) == ["model=hub", "model.name=x"]
+
+
+def _launch(args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "eval.py"), *args], capture_output=True,
+                          text=True, timeout=300, cwd=cwd)
+
+
+def test_launcher_errors_unknown_benchmark_and_model_without_weights(tmp_path):
+    proc = _launch(["model=tiny", "eval=aime2023", f"output_dir={tmp_path}"], tmp_path)
+    assert proc.returncode != 0 and "Could not find 'eval/aime2023'" in proc.stderr and "aime24" in proc.stderr
+    empty = tmp_path / "ckpt"
+    empty.mkdir()
+    tiny_model().config.save_pretrained(empty)
+    proc = _launch([f"model={empty}", "eval=demo", f"output_dir={tmp_path}"], tmp_path)
+    assert proc.returncode != 0 and "has no *.safetensors weights" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generation
+
+def test_generation_settings(caplog):
+    assert gen_settings({"temperature": 0.6}).n_samples == 8
+    g = gen_settings({"greedy": True})
+    assert g.n_samples == 1 and g.greedy and g.temperature == 0.0
+    assert gen_settings({"temperature": 0}).greedy
+    assert gen_settings({"greedy": True, "n_samples": 4}).n_samples == 1
+    assert "n_samples=4 ignored" in caplog.text
+    with pytest.raises(ValueError, match="n_samples must be >= 1"):
+        gen_settings({"n_samples": 0})
+    with pytest.raises(ValueError, match="top_p"):
+        gen_settings({"top_p": 0})
+    plan = plan_batches(3, 4, 5)
+    assert sorted(x for b in plan for x in b) == [(p, s) for p in range(3) for s in range(4)]
+    assert [len(b) for b in plan] == [5, 5, 2]
+
+
+def test_prompt_uses_the_chat_template_and_instruction():
+    tok = tiny_tokenizer()
+    assert build_prompt(tok, "What is 2+2?", "Box it.") == "<u>What is 2+2?\nBox it.\n<a>"
+    assert build_prompt(tok, "Q", None, "Be brief.") == "<s>Be brief.\n<u>Q\n<a>"
+
+
+def _greedy(n_new=10, batch=3):
+    return GenSettings(1, True, 0.0, 1.0, 0, n_new, batch, 0, None, None)
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_batched_generation_equals_one_prompt_at_a_time(hybrid):
+    model, tok = tiny_model("qwen2"), tiny_tokenizer()
+    if hybrid:
+        convert_to_hybrid(model, HybridConfig([1, 3], sink_tokens=2, window=6))
+    prompts = [build_prompt(tok, q) for q in ("1+1?", "What is the sum of 17 and 25?", "Compute 3*4-2.")]
+    out = generate_batch(model, tok, prompts, _greedy(), seed=0)
+    for p, text, n, fin in zip(prompts, out.texts, out.tokens, out.finished):
+        ids = tok(p, return_tensors="pt", add_special_tokens=False).input_ids
+        ref = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=2)[0, ids.shape[1]:]
+        stop = (ref == 2).nonzero()
+        ref = ref[: int(stop[0, 0]) + 1] if len(stop) else ref
+        assert n == len(ref) and text == tok.decode(ref, skip_special_tokens=True) and fin == bool(len(stop))
+
+
+def test_kv_bytes_of_a_full_model_match_the_cache_size_formula():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    prompts = [build_prompt(tok, q) for q in ("1+1?", "What is 17+25?")]
+    out = generate_batch(model, tok, prompts, _greedy(n_new=8), seed=0)
+    T = max(len(tok(p, add_special_tokens=False).input_ids) for p in prompts) + max(out.tokens) - 1
+    c = model.config  # keys + values, every layer, fp32
+    assert out.kv_bytes == 2 * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * T * 4
+
+
+def test_sampling_is_reproducible_per_seed():
+    model, tok = tiny_model(), tiny_tokenizer()
+    gs = GenSettings(2, False, 1.0, 0.95, 0, 12, 2, 0, None, None)
+    prompts = [build_prompt(tok, "Q")] * 2
+    a, b = generate_batch(model, tok, prompts, gs, 7), generate_batch(model, tok, prompts, gs, 7)
+    c = generate_batch(model, tok, prompts, gs, 8)
+    assert a.texts == b.texts and a.texts != c.texts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the job: resume, scripted metrics, hybrid checkpoints, comparison
+
+def test_crash_and_torn_write_resume_exactly(tmp_path, monkeypatch):
+    ref = job.run(_cfg(TINY + [f"output_dir={tmp_path / 'ref'}"]))["tiny"]
+    full = _samples(os.path.join(ref["dir"], "samples.jsonl"))
+    assert len(full) == 3 * 2
+
+    calls, real = [], runner.generate_batch
+
+    def crashing(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "generate_batch", crashing)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        job.run(_cfg(TINY + [f"output_dir={out}"]))
+    path = out / "tiny" / "samples.jsonl"
+    assert len(_samples(path)) == 4  # the first batch survived the crash
+    with open(path, "ab") as f:
+        f.write(b'{"problem": "demo-10000-2", "sam')  # a torn write
+    calls.clear()
+    res = job.run(_cfg(TINY + [f"output_dir={out}"]))["tiny"]
+    assert len(calls) == 1  # only the missing batch is generated again
+    got = _samples(path)
+    strip = ("batch_seconds", "batch_tokens")
+    assert {k: {f: v for f, v in r.items() if f not in strip} for k, r in got.items()} == \
+        {k: {f: v for f, v in r.items() if f not in strip} for k, r in full.items()}
+    assert res["metrics"]["pass@1"] == ref["metrics"]["pass@1"] and res["torn_lines_dropped"] == 1
+
+
+def test_a_different_protocol_is_refused_in_the_same_folder(tmp_path):
+    job.run(_cfg(TINY + [f"output_dir={tmp_path}"]))
+    with pytest.raises(ValueError, match="temperature"):
+        job.run(_cfg(TINY + [f"output_dir={tmp_path}", "eval.temperature=0.9"]))
+    res = job.run(_cfg(TINY + [f"output_dir={tmp_path}", "eval.temperature=0.9", "eval.overwrite=true"]))
+    assert res["tiny"]["generation"]["temperature"] == 0.9
+
+
+def test_scripted_outputs_give_the_expected_metrics_and_report(tmp_path, monkeypatch):
+    # correctness per (problem, sample) chosen here; the answers are written the way models write them
+    script = {0: ["\\boxed{616}", "The final answer is 616.", "\\boxed{0616}", "\\boxed{616}"],
+              1: ["\\boxed{7}", "\\boxed{7}", "\\boxed{602}", "no answer"],
+              2: ["nothing", "still nothing", "\\boxed{", "x"]}
+    problems = load_problems(_cfg(["eval=demo", "eval.num_problems=3"]).eval)
+
+    def scripted(model, tok, prompts, gs, seed):
+        batch = next(rows for b, rows in enumerate(plan_batches(3, 4, gs.batch_size))
+                     if runner.batch_seed(gs.seed, b) == seed)
+        texts = [script[p][s].replace("616", problems[p].answer) if p == 0 else
+                 script[p][s].replace("602", problems[p].answer) for p, s in batch]
+        return BatchOutput(texts, [10] * len(texts), [True] * len(texts), 0.5, 1000 + seed)
+
+    monkeypatch.setattr(runner, "generate_batch", scripted)
+    res = job.run(_cfg(["model=tiny", "eval=demo", "eval.num_problems=3", "eval.n_samples=4",
+                        "eval.batch_size=3", f"output_dir={tmp_path}"]))["tiny"]
+    m = res["metrics"]
+    per_problem = [4 / 4, 1 / 4, 0 / 4]
+    assert m["pass@1"] == pytest.approx(statistics.mean(per_problem))
+    assert m["pass@1_se"] == pytest.approx(statistics.stdev(per_problem) / 3 ** 0.5)
+    assert m["pass@2"] == pytest.approx((1 + _pass_at_k_brute(4, 1, 2) + 0) / 3)
+    assert m["maj@4"] == pytest.approx(1 / 3)  # problem 1's majority answer is the wrong 7
+    assert m["no_answer"] == 5 and m["truncated"] == 0 and m["samples"] == 12
+    assert m["tokens_per_s"] == pytest.approx(120 / (4 * 0.5))  # 4 batches of 3 rows x 10 tokens, 0.5 s each
+    assert [p["maj_answer"] for p in res["problems"]] == [problems[0].answer, "7", None]
+    report = open(os.path.join(res["dir"], "report.md"), encoding="utf-8").read()
+    assert "| demo-10000-1 | " + problems[1].answer + " | 1/4 | 25.0% | 7 | no |" in report
+    assert json.load(open(os.path.join(res["dir"], "summary.json")))["metrics"]["pass@1"] == m["pass@1"]
+
+
+def test_hybrid_checkpoints_load_hybrid_and_generate_as_saved(tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    convert_to_hybrid(model, HybridConfig([1, 3], sink_tokens=2, window=6))
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    res = job.run(_cfg([f"model={ckpt}", "model.dtype=float32", "eval=demo", "eval.num_problems=2",
+                        "eval.greedy=true", "eval.max_new_tokens=12", f"output_dir={tmp_path / 'out'}"]))
+    (run,) = res.values()
+    assert run["attention"].startswith("hybrid, 2/4 lazy layers [1, 3], S=2 W=6")
+    samples = _samples(os.path.join(run["dir"], "samples.jsonl"))
+    problems = load_problems(_cfg(["eval=demo", "eval.num_problems=2"]).eval)
+    for i, p in enumerate(problems):  # the in-memory hybrid model, generating on its own
+        ids = tok(build_prompt(tok, p.question), return_tensors="pt", add_special_tokens=False).input_ids
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=2)[0, ids.shape[1]:]
+        assert samples[(p.id, 0)]["output"] == tok.decode(ref, skip_special_tokens=True)
+
+
+def test_compare_full_and_hybrid_side_by_side(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    res = job.run(_cfg(TINY + ["eval.max_new_tokens=24", "hybrid.lazy_layers=[0,1,2]", "hybrid.sink_tokens=2",
+                               "hybrid.window=4", "eval.compare_with=tiny", "logging.wandb=true",
+                               f"output_dir={tmp_path}"]), conf_dir=CONF)
+    hyb, full, c = res["tiny+hybrid"], res["tiny"], res["comparison"]
+    assert c["kv_memory_ratio"] == pytest.approx(hyb["metrics"]["peak_kv_bytes"] / full["metrics"]["peak_kv_bytes"])
+    assert c["kv_memory_ratio"] < 0.5  # 3 of 4 layers keep 2 + 3 slots instead of the ~40-token sequence
+    assert c["throughput_ratio"] == pytest.approx(hyb["metrics"]["tokens_per_s"] / full["metrics"]["tokens_per_s"])
+    diff = [a["pass@1"] - b["pass@1"] for a, b in zip(hyb["problems"], full["problems"])]
+    assert c["pass@1_diff"] == pytest.approx(statistics.mean(diff))
+    seeds = lambda r: {k: v["seed"] for k, v in _samples(os.path.join(r["dir"], "samples.jsonl")).items()}  # noqa
+    assert seeds(hyb) == seeds(full)
+    for f in ("comparison.md", "comparison.json", "passk.png"):
+        assert (tmp_path / f).exists()
+    from wandb_reader import summary_keys
+
+    (wb,) = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert {"tiny+hybrid/pass@1", "tiny/peak_kv_bytes", "comparison/kv_memory_ratio"} <= summary_keys(str(wb))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data is absent")
+def test_smollm2_full_vs_hybrid_on_gsm8k_from_the_command_line(tmp_path):
+    path = os.path.join(SHARED_DATA, "gsm8k_test.jsonl")
+    layers = ",".join(str(i) for i in range(1, 30, 2))
+    proc = _launch(["model=smollm2-135m", f"eval={path}", "eval.mode=gsm8k", "eval.max_problems=2",
+                    "eval.greedy=true", "eval.max_new_tokens=48", f"hybrid.lazy_layers=[{layers}]",
+                    "hybrid.window=32", "eval.compare_with=smollm2-135m", f"output_dir={tmp_path}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    c = json.load(open(tmp_path / "comparison.json"))
+    full = json.load(open(tmp_path / "smollm2-135m" / "summary.json"))
+    assert c["model"] == "smollm2-135m+hybrid" and 0.4 < c["kv_memory_ratio"] < 0.8
+    assert full["metrics"]["samples"] == 2 and full["attention"] == "full attention"
+    outputs = [json.loads(line)["output"] for line in open(tmp_path / "smollm2-135m" / "samples.jsonl")]
+    assert all(len(o.split()) > 5 for o in outputs)  # real text from the real model
