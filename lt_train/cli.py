@@ -2,7 +2,8 @@
 
 Hydra only accepts config names for a group (`model=smollm2-135m`); users also write hub ids and paths:
 - `model=<hub id | path>` becomes `model=hub model.name=<...>` (conf/model/hub.yaml);
-- `eval=<file.jsonl | .json | .parquet>` becomes `eval=custom eval.path=<file>` (conf/eval/custom.yaml).
+- `eval=<file.jsonl | .json | .parquet>` becomes `eval=custom eval.path=<file> eval.name=<file stem>`
+  (conf/eval/custom.yaml).
 A value that names a config of the group is left alone, and so is an unknown `eval=` name that is not a file:
 Hydra then reports it with the list of known benchmarks.
 """
@@ -27,7 +28,8 @@ def expand_shortcuts(argv: list[str], conf_dir: str, groups: tuple[str, ...] = (
         elif key == "model":
             out += ["model=hub", f"model.name={_quote(value)}"]
         elif key == "eval" and (value.endswith(DATA_SUFFIXES) or os.path.isfile(value)):
-            out += ["eval=custom", f"eval.path={_quote(value)}"]
+            name = os.path.splitext(os.path.basename(value))[0] or "custom"
+            out += ["eval=custom", f"eval.path={_quote(value)}", f"eval.name={_quote(name)}"]
         else:
             out.append(arg)
     return out

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import SHARED_DATA
 from hydra import compose, initialize_config_dir
 
@@ -139,7 +140,8 @@ def test_bad_benchmark_files_fail_clearly(tmp_path, rows, message):
 def test_command_line_shortcuts():
     assert expand_shortcuts(["model=Qwen/QwQ-32B", "model=tiny", "eval=aime24"], CONF) == \
         ["model=hub", "model.name=Qwen/QwQ-32B", "model=tiny", "eval=aime24"]
-    assert expand_shortcuts(["eval=data/my file.jsonl"], CONF) == ["eval=custom", "eval.path='data/my file.jsonl'"]
+    assert expand_shortcuts(["eval=data/my file.jsonl"], CONF) == ["eval=custom", "eval.path='data/my file.jsonl'",
+                                                                   "eval.name='my file'"]
     assert expand_shortcuts(["eval=aime2023"], CONF) == ["eval=aime2023"]  # left for Hydra to report
     assert expand_shortcuts(["model=hub", "model.name=x"], CONF) == ["model=hub", "model.name=x"]
 
@@ -249,7 +251,7 @@ def test_crash_and_torn_write_resume_exactly(tmp_path, monkeypatch):
     res = job.run(_cfg(TINY + [f"output_dir={out}"]))["tiny"]
     assert len(calls) == 1  # only the missing batch is generated again
     got = _samples(path)
-    strip = ("batch_seconds", "batch_tokens")
+    strip = ("batch_seconds",)
     assert {k: {f: v for f, v in r.items() if f not in strip} for k, r in got.items()} == \
         {k: {f: v for f, v in r.items() if f not in strip} for k, r in full.items()}
     assert res["metrics"]["pass@1"] == ref["metrics"]["pass@1"] and res["torn_lines_dropped"] == 1
@@ -312,15 +314,22 @@ def test_hybrid_checkpoints_load_hybrid_and_generate_as_saved(tmp_path):
         assert samples[(p.id, 0)]["output"] == tok.decode(ref, skip_special_tokens=True)
 
 
-def test_compare_full_and_hybrid_side_by_side(tmp_path, monkeypatch):
+@pytest.mark.parametrize("hybrid,attention,bound", [
+    # 3 of 4 layers keep 2 + 3 slots instead of a sequence of ~200 tokens
+    ("hybrid.lazy_layers=[0,1,2]", "hybrid, 3/4 lazy layers [0, 1, 2]", 0.3),
+    # online: at most 3 full caches during prefill, then 2 full + 2 streaming layers
+    ("hybrid.online_num_lazy=2", "hybrid, 2 of 4 layers lazy per prompt (online)", 0.8),
+])
+def test_compare_full_and_hybrid_side_by_side(tmp_path, monkeypatch, hybrid, attention, bound):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    res = job.run(_cfg(TINY + ["eval.max_new_tokens=24", "hybrid.lazy_layers=[0,1,2]", "hybrid.sink_tokens=2",
-                               "hybrid.window=4", "eval.compare_with=tiny", "logging.wandb=true",
-                               f"output_dir={tmp_path}"]), conf_dir=CONF)
+    res = job.run(_cfg(TINY + ["eval.max_new_tokens=24", hybrid, "hybrid.sink_tokens=2", "hybrid.window=4",
+                               "eval.compare_with=tiny", "logging.wandb=true", f"output_dir={tmp_path}"]),
+                  conf_dir=CONF)
     hyb, full, c = res["tiny+hybrid"], res["tiny"], res["comparison"]
+    assert hyb["attention"].startswith(attention) and full["attention"] == "full attention"
     assert c["kv_memory_ratio"] == pytest.approx(hyb["metrics"]["peak_kv_bytes"] / full["metrics"]["peak_kv_bytes"])
-    assert c["kv_memory_ratio"] < 0.5  # 3 of 4 layers keep 2 + 3 slots instead of the ~40-token sequence
+    assert c["kv_memory_ratio"] < bound
     assert c["throughput_ratio"] == pytest.approx(hyb["metrics"]["tokens_per_s"] / full["metrics"]["tokens_per_s"])
     diff = [a["pass@1"] - b["pass@1"] for a, b in zip(hyb["problems"], full["problems"])]
     assert c["pass@1_diff"] == pytest.approx(statistics.mean(diff))
@@ -349,3 +358,75 @@ def test_smollm2_full_vs_hybrid_on_gsm8k_from_the_command_line(tmp_path):
     assert full["metrics"]["samples"] == 2 and full["attention"] == "full attention"
     outputs = [json.loads(line)["output"] for line in open(tmp_path / "smollm2-135m" / "samples.jsonl")]
     assert all(len(o.split()) > 5 for o in outputs)  # real text from the real model
+
+
+def test_comparing_a_model_with_itself_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="is the model under evaluation"):
+        job.run(_cfg(TINY + ["eval.compare_with=tiny", f"output_dir={tmp_path}"]), conf_dir=CONF)
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data is absent")
+def test_hub_code_path_reads_local_copies_of_the_hub_layouts(tmp_path):
+    """The real `datasets.load_dataset` path of the aime24 / gsm8k configs, on local copies laid out like the
+    hub repositories (HuggingFaceH4/aime_2024: integer ids, extra columns; openai/gsm8k: subset `main`,
+    answers that are solutions ending in "#### n")."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    aime = [json.loads(line) for line in open(os.path.join(SHARED_DATA, "aime24.jsonl"), encoding="utf-8")]
+    (tmp_path / "aime" / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"id": 60 + i, "problem": r["problem"], "solution": "...",
+                                          "answer": r["answer"], "url": "u", "year": "2024"}
+                                         for i, r in enumerate(aime)]),
+                   tmp_path / "aime" / "data" / "train-00000-of-00001.parquet")
+    got = load_problems(_cfg(["eval=aime24", f"eval.dataset_id={tmp_path / 'aime'}"]).eval)
+    assert [(p.id, p.answer) for p in got] == [(str(60 + i), r["answer"]) for i, r in enumerate(aime)]
+
+    gsm = [json.loads(line) for line in open(os.path.join(SHARED_DATA, "gsm8k_test.jsonl"), encoding="utf-8")][:50]
+    (tmp_path / "gsm" / "main").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"question": r["problem"], "answer": r["solution"]} for r in gsm]),
+                   tmp_path / "gsm" / "main" / "test-00000-of-00001.parquet")
+    (tmp_path / "gsm" / "README.md").write_text(
+        "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: test\n    path: main/test-*\n---\n")
+    got = load_problems(_cfg(["eval=gsm8k", f"eval.dataset_id={tmp_path / 'gsm'}"]).eval)
+    assert [(p.id, p.question, p.answer) for p in got] == [(f"gsm8k-{i}", r["problem"], r["answer"])
+                                                          for i, r in enumerate(gsm)]
+
+
+def test_torchrun_processes_share_the_batches_and_match_one_process(tmp_path):
+    args = TINY + ["eval.num_problems=5", "eval.batch_size=2"]
+    ref = job.run(_cfg(args + [f"output_dir={tmp_path / 'one'}"]))["tiny"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           os.path.join(ROOT, "launch", "eval.py"), *args, f"output_dir={tmp_path / 'two'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "two" / "tiny"
+    per_rank = [_samples(run_dir / "samples.jsonl"), _samples(run_dir / "samples.rank1.jsonl")]
+    assert per_rank[0] and per_rank[1] and not set(per_rank[0]) & set(per_rank[1])
+    strip = ("batch_seconds",)
+    both = {k: {f: v for f, v in r.items() if f not in strip} for d in per_rank for k, r in d.items()}
+    one = {k: {f: v for f, v in r.items() if f not in strip}
+           for k, r in _samples(os.path.join(ref["dir"], "samples.jsonl")).items()}
+    assert both == one
+    summary = json.load(open(run_dir / "summary.json"))
+    assert summary["metrics"]["samples"] == 10 and summary["metrics"]["pass@1"] == ref["metrics"]["pass@1"]
+
+
+def test_trainer_demo_accuracy_grades_each_problem_with_its_own_answer(monkeypatch):
+    from lt_train.data import demo_examples
+    from lt_train.train.evaluate import demo_accuracy
+
+    model, tok = tiny_model(), tiny_tokenizer()
+    problems = demo_examples(5, seed=3, min_steps=2, max_steps=3)
+    right = {build_prompt(tok, p.question): p.answer for i, p in enumerate(problems) if i % 2 == 0}
+
+    def answering(input_ids, attention_mask, **kw):  # answers the even problems right, the odd ones wrong
+        rows = []
+        for ids, m in zip(input_ids, attention_mask):
+            prompt = tok.decode(ids[m.bool()])
+            rows.append(torch.tensor(tok(f"\\boxed{{{right.get(prompt, '1000')}}}</s>", add_special_tokens=False).input_ids))
+        new = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=0)
+        return torch.cat([input_ids, new], 1)
+
+    monkeypatch.setattr(model, "generate", answering)
+    assert demo_accuracy(model, tok, problems, max_new_tokens=16, batch_size=2) == pytest.approx(3 / 5)

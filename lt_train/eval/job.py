@@ -6,6 +6,7 @@ comparison.md / passk.png in `output_dir`: accuracy difference, throughput ratio
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import re
 
 import torch
 
+from ..distributed import barrier, init_if_needed, world
 from ..hybrid import CONFIG_KEY, HybridConfig, convert_to_hybrid
 from ..models import load_from_config
 from ..tracking import init_wandb
@@ -81,7 +83,7 @@ def protocol_of(gs: GenSettings) -> str:
 
 def _device(model) -> None:
     if torch.cuda.is_available() and not hasattr(model, "hf_device_map"):
-        model.to("cuda")
+        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
 
 
 def evaluate_one(mcfg, hybrid: HybridConfig | None, problems: list[Problem], ecfg, gs: GenSettings,
@@ -101,8 +103,22 @@ def evaluate_one(mcfg, hybrid: HybridConfig | None, problems: list[Problem], ecf
     header = {"model": str(mcfg["name"]), "revision": mcfg.get("revision"), "dtype": str(mcfg.get("dtype")),
               "attention": attention, "benchmark": ecfg.name, "problems": len(problems),
               "problems_fingerprint": fingerprint(problems), "mode": ecfg.mode, "generation": gs.to_dict()}
-    store = SampleStore(run_dir, header, overwrite=bool(ecfg.get("overwrite", False)))
-    generate_missing(model, tok, problems, gs, ecfg.mode, store, grader, progress, desc=label)
+    rank, world_size = world()
+    if rank == 0:
+        SampleStore.init_dir(run_dir, header, overwrite=bool(ecfg.get("overwrite", False)))
+    barrier()
+    store = SampleStore(run_dir, header, rank)
+    barrier()  # every process has read the store before any appends: they agree on what is missing
+    generate_missing(model, tok, problems, gs, ecfg.mode, store, grader, progress and rank == 0, label,
+                     rank, world_size)
+    del model  # before a compared model is loaded
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    barrier()
+    if rank != 0:
+        return {"label": label}
+    store.reload()  # the other processes' samples too
     summary, per_problem = summarize(store.records, problems, gs, ecfg.mode, grader)
     meta = {"model": str(mcfg["name"]), "label": label, "attention": attention, "benchmark": ecfg.name,
             "protocol": protocol_of(gs), "generation": gs.to_dict(), "torn_lines_dropped": store.torn_lines}
@@ -110,7 +126,6 @@ def evaluate_one(mcfg, hybrid: HybridConfig | None, problems: list[Problem], ecf
     log.info("%s on %s: pass@1 %.3f ± %.3f, maj@%d %.3f, %.1f tok/s, peak KV %.1f MiB -> %s", label, ecfg.name,
              summary["pass@1"], summary["pass@1_se"], gs.n_samples, summary[f"maj@{gs.n_samples}"],
              summary["tokens_per_s"], summary["peak_kv_bytes"] / 2**20, run_dir)
-    del model
     return {**meta, "metrics": summary, "problems": per_problem, "dir": run_dir}
 
 
@@ -130,22 +145,31 @@ def run(cfg, conf_dir: str | None = None) -> dict:
     from omegaconf import OmegaConf
 
     ecfg = cfg.eval
+    init_if_needed()
+    rank, world_size = world()
+    if world_size > 1 and cfg.model.get("device_map"):
+        raise ValueError("model.device_map spreads one model over the GPUs; under torchrun each process "
+                         "holds its own copy. Use one or the other")
     problems = load_problems(ecfg)
     gs = gen_settings(ecfg)
     hybrid = hybrid_from_config(cfg.get("hybrid"))
     grader = Grader(timeout=float(ecfg.get("grader_timeout", 5)))
     out_dir = cfg.output_dir
     os.makedirs(out_dir, exist_ok=True)
-    log.info("%s: %d problems x %d samples (%s)", ecfg.name, len(problems), gs.n_samples, protocol_of(gs))
-    wb = init_wandb(cfg.logging, OmegaConf.to_container(cfg, resolve=True), "eval", out_dir)
+    log.info("%s: %d problems x %d samples (%s)%s", ecfg.name, len(problems), gs.n_samples, protocol_of(gs),
+             f", {world_size} processes" if world_size > 1 else "")
+    wb = init_wandb(cfg.logging, OmegaConf.to_container(cfg, resolve=True), "eval", out_dir) if rank == 0 else None
     try:
-        runs = [evaluate_one(cfg.model, hybrid, problems, ecfg, gs, out_dir, grader)]
+        models = [(cfg.model, hybrid)]
         if ecfg.get("compare_with"):
-            other = compare_model_config(cfg.model, str(ecfg.compare_with), conf_dir)
-            runs.append(evaluate_one(other, None, problems, ecfg, gs, out_dir, grader))
-            if runs[0]["label"] == runs[1]["label"]:
-                raise ValueError("eval.compare_with names the same model as `model`, with the same attention")
+            models.append((compare_model_config(cfg.model, str(ecfg.compare_with), conf_dir), None))
+            if label_of(models[1][0]["name"], None) == label_of(cfg.model["name"], hybrid):
+                raise ValueError(f"eval.compare_with={ecfg.compare_with} is the model under evaluation, with the same "
+                                 "attention: compare with another model, or make this one hybrid (hybrid.*)")
+        runs = [evaluate_one(m, h, problems, ecfg, gs, out_dir, grader) for m, h in models]
         result = {r["label"]: r for r in runs}
+        if rank != 0:
+            return {}
         if len(runs) == 2:
             result["comparison"] = write_comparison(out_dir, runs[0], runs[1])
             c = result["comparison"]

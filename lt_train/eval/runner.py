@@ -13,19 +13,22 @@ log = logging.getLogger(__name__)
 
 
 def generate_missing(model, tokenizer, problems: list[Problem], gs: GenSettings, mode: str, store: SampleStore,
-                     grader: Grader, progress: bool = True, desc: str = "eval") -> int:
-    """Generate and grade every sample `store` does not hold yet; returns how many were generated.
+                     grader: Grader, progress: bool = True, desc: str = "eval", rank: int = 0, world: int = 1
+                     ) -> int:
+    """Generate and grade every sample `store` does not hold yet; returns how many this process generated.
 
     A batch with any missing sample is generated whole, with its own seed, so its rows come out as they would
-    have in an uninterrupted run; only the missing rows are written."""
+    have in an uninterrupted run; only the missing rows are written. With `world` processes, each takes every
+    world-th of the unfinished batches (all processes see the same store, so they agree on the list)."""
     from tqdm.auto import tqdm
 
     prompts = [build_prompt(tokenizer, p.question, gs.instruction, gs.system_prompt) for p in problems]
     plan = plan_batches(len(problems), gs.n_samples, gs.batch_size)
     todo = [(b, rows) for b, rows in enumerate(plan) if any(not store.done(problems[p].id, s) for p, s in rows)]
+    todo = todo[rank::world]
     missing = sum(not store.done(problems[p].id, s) for _, rows in todo for p, s in rows)
-    if len(store.records):
-        log.info("%s: resuming, %d samples done, %d to go", desc, len(store.records), missing)
+    if len(store.records) and rank == 0:
+        log.info("%s: resuming, %d samples done, this process generates %d more", desc, len(store.records), missing)
     bar = tqdm(total=missing, desc=desc, unit="sample", disable=not progress)
     tokens = seconds = 0.0
     for b, rows in todo:

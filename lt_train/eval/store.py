@@ -16,49 +16,69 @@ from ..io import atomic_write_json
 log = logging.getLogger(__name__)
 
 
+def _same_header(header_path: str, header: dict, where: str) -> None:
+    with open(header_path, encoding="utf-8") as f:
+        old = json.load(f)
+    diff = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
+    if diff:
+        details = "; ".join(f"{k}: {old.get(k)!r} -> {header.get(k)!r}" for k in diff)
+        raise ValueError(f"{where} holds samples of a different run ({details}). Use another output_dir, or "
+                         "eval.overwrite=true to discard them")
+
+
 class SampleStore:
-    def __init__(self, out_dir: str, header: dict, overwrite: bool = False):
+    """The samples of one model's run. Under torchrun every rank appends to its own file (rank 0:
+    samples.jsonl, rank r: samples.rank<r>.jsonl) and reads them all, so a run can resume with any number of
+    processes. Call `SampleStore.init_dir` on one process first (it checks or writes run.json)."""
+
+    def __init__(self, out_dir: str, header: dict, rank: int = 0):
         self.dir = out_dir
-        self.path = os.path.join(out_dir, "samples.jsonl")
-        self.header_path = os.path.join(out_dir, "run.json")
+        self.path = os.path.join(out_dir, "samples.jsonl" if rank == 0 else f"samples.rank{rank}.jsonl")
+        header_path = os.path.join(out_dir, "run.json")
+        if not os.path.exists(header_path):
+            raise FileNotFoundError(f"{header_path} is missing: SampleStore.init_dir was not called")
+        _same_header(header_path, json.loads(json.dumps(header)), out_dir)
+        self.torn_lines = 0
+        self.reload()
+
+    @staticmethod
+    def init_dir(out_dir: str, header: dict, overwrite: bool = False) -> None:
+        """Check run.json against `header` (or write it); `overwrite` discards earlier samples first."""
         os.makedirs(out_dir, exist_ok=True)
+        header_path = os.path.join(out_dir, "run.json")
+        files = _sample_files(out_dir)
         if overwrite:
-            for p in (self.path, self.header_path):
+            for p in files + [header_path]:
                 if os.path.exists(p):
                     os.remove(p)
-        self._check_header(header)
-        self.records: dict[tuple[str, int], dict] = {}
-        self.torn_lines = 0
-        if os.path.exists(self.path):
-            self._load()
-
-    def _check_header(self, header: dict) -> None:
+            files = []
         header = json.loads(json.dumps(header))  # the form it has on disk (tuples -> lists, int keys -> str)
-        if os.path.exists(self.header_path):
-            with open(self.header_path, encoding="utf-8") as f:
-                old = json.load(f)
-            diff = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
-            if diff:
-                details = "; ".join(f"{k}: {old.get(k)!r} -> {header.get(k)!r}" for k in diff)
-                raise ValueError(f"{self.dir} holds samples of a different run ({details}). Use another "
-                                 "output_dir, or eval.overwrite=true to discard them")
-        elif os.path.exists(self.path):
-            raise ValueError(f"{self.path} exists without its run.json; cannot tell which run wrote it. "
+        if os.path.exists(header_path):
+            _same_header(header_path, header, out_dir)
+        elif files:
+            raise ValueError(f"{files[0]} exists without its run.json; cannot tell which run wrote it. "
                              "Use another output_dir, or eval.overwrite=true to discard it")
         else:
-            atomic_write_json(self.header_path, header)
+            atomic_write_json(header_path, header)
 
-    def _load(self) -> None:
-        with open(self.path, "rb") as f:
+    def reload(self) -> None:
+        """Read every process's sample file (a torn tail is cut from this process's own file only)."""
+        self.records: dict[tuple[str, int], dict] = {}
+        for path in _sample_files(self.dir):
+            self._load(path, own=path == self.path)
+
+    def _load(self, path: str, own: bool) -> None:
+        with open(path, "rb") as f:
             data = f.read()
         good = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
         if good < len(data):
-            self.torn_lines = 1
-            log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run; "
-                        "its samples will be generated again", self.path, len(data) - good)
-            with open(self.path, "r+b") as f:
-                f.truncate(good)
-                os.fsync(f.fileno())
+            self.torn_lines += 1
+            log.warning("%s: a torn last line (%d bytes) left by an interrupted run is %s; its samples will be "
+                        "generated again", path, len(data) - good, "dropped" if own else "ignored")
+            if own:
+                with open(path, "r+b") as f:
+                    f.truncate(good)
+                    os.fsync(f.fileno())
         for n, line in enumerate(data[:good].decode("utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -66,7 +86,7 @@ class SampleStore:
                 rec = json.loads(line)
                 key = (str(rec["problem"]), int(rec["sample"]))
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{self.path}, line {n}: not a sample record ({e}); the file was edited or "
+                raise ValueError(f"{path}, line {n}: not a sample record ({e}); the file was edited or "
                                  "corrupted: fix it, or start over with eval.overwrite=true") from None
             self.records[key] = rec
 
@@ -83,3 +103,9 @@ class SampleStore:
             os.fsync(f.fileno())
         for r in records:
             self.records[(str(r["problem"]), int(r["sample"]))] = r
+
+
+def _sample_files(out_dir: str) -> list[str]:
+    import glob
+
+    return sorted(glob.glob(os.path.join(out_dir, "samples*.jsonl")))

@@ -9,26 +9,9 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 
+from ..distributed import barrier, world
 from . import checkpoint as ckpt
-
-
-def world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def all_reduce_sum(x: float, device) -> float:
-    if not (dist.is_available() and dist.is_initialized()):
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item())
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 class PlainEngine:

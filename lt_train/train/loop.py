@@ -25,7 +25,8 @@ from ..nll import decoder_of, lm_head_loss_sum
 from ..tracking import init_wandb
 from . import checkpoint as ckpt
 from .config import validate
-from .engine import DeepSpeedEngine, PlainEngine, all_reduce_sum, barrier, deepspeed_config, save_checkpoint, world
+from ..distributed import all_reduce_sum, barrier, world
+from .engine import DeepSpeedEngine, PlainEngine, deepspeed_config, save_checkpoint
 from .evaluate import demo_accuracy, heldout_nll
 
 

@@ -1,0 +1,34 @@
+"""The few torch.distributed helpers the jobs share: rank / world size from torchrun's environment,
+a barrier and a sum that are no-ops in a single process, and process-group start-up for jobs that are not
+driven by DeepSpeed."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_if_needed() -> None:
+    """Join torchrun's process group (NCCL on GPU, gloo on CPU) when launched with more than one process."""
+    if world()[1] > 1 and dist.is_available() and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def all_reduce_sum(x: float, device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
