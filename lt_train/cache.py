@@ -33,6 +33,7 @@ class StreamingLayer(CacheLayerMixin):
     is_sliding = True  # so transformers sizes the shared mask from a full layer
     is_compileable = False
     is_croppable = False
+    GROW = 256  # slots added at a time while the sequence is shorter than S + W - 1
 
     def __init__(self, sink_tokens: int, window: int, **kwargs):
         super().__init__()
@@ -42,14 +43,27 @@ class StreamingLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
-        n = self.sink + self.ring
-        dev = key_states.device
-        self.device = dev
-        self.keys = key_states.new_zeros(B, H, n, D)
-        self.values = value_states.new_zeros(B, value_states.shape[1], n, value_states.shape[-1])
-        self.pos = torch.full((B, n), INVALID_POS, dtype=torch.long, device=dev)
-        self.idx = torch.full((B, n), -1, dtype=torch.long, device=dev)
+        self.device = key_states.device
+        self.keys = key_states.new_zeros(B, H, 0, D)
+        self.values = value_states.new_zeros(B, value_states.shape[1], 0, value_states.shape[-1])
+        self.pos = torch.full((B, 0), INVALID_POS, dtype=torch.long, device=self.device)
+        self.idx = torch.full((B, 0), -1, dtype=torch.long, device=self.device)
         self.is_initialized = True
+
+    def _grow(self, tokens: int) -> None:
+        """Room for `tokens` tokens seen in all. Until the ring wraps, token i sits in slot S + i, so a short
+        sequence needs only S + i slots: the buffer grows in steps of GROW slots up to S + W - 1, and a
+        lazy layer never holds more than a full one would (beyond one step)."""
+        cap = self.keys.shape[2]
+        need = self.sink + min(self.ring, tokens)
+        if need <= cap:
+            return
+        new = min(self.sink + self.ring, self.sink + -(-(need - self.sink) // self.GROW) * self.GROW)
+        self.keys = torch.cat([self.keys, self.keys.new_zeros(*self.keys.shape[:2], new - cap, self.keys.shape[3])], 2)
+        self.values = torch.cat(
+            [self.values, self.values.new_zeros(*self.values.shape[:2], new - cap, self.values.shape[3])], 2)
+        self.pos = torch.cat([self.pos, self.pos.new_full((self.pos.shape[0], new - cap), INVALID_POS)], 1)
+        self.idx = torch.cat([self.idx, self.idx.new_full((self.idx.shape[0], new - cap), -1)], 1)
 
     def update(self, key_states, value_states, *args, kwargs: dict | None = None, **_):
         if not self.is_initialized:
@@ -73,6 +87,7 @@ class StreamingLayer(CacheLayerMixin):
                     "sink": self.sink,
                     "window": self.ring + 1,
                 }
+        self._grow(self.seen + q)
         self._store(key_states, value_states, new_pos, new_idx, valid)
         self.seen += q
         return out_k, out_v

@@ -85,6 +85,31 @@ def test_greedy_generation_is_token_identical_to_recompute(arch):
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_growing_buffer_generation_is_token_identical_to_recompute(arch, monkeypatch):
+    """Short prompts, long generation: the lazy layers' buffers grow step by step (3 slots at a time here),
+    then the ring wraps; generation must stay identical to full recompute under the streaming mask."""
+    monkeypatch.setattr(StreamingLayer, "GROW", 3)
+    model, ref = _pair(arch, sink=2, window=12)
+    ids, am = _left_padded(T=6, pads=(0, 2, 4))
+    out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=20, do_sample=False, pad_token_id=0,
+                         eos_token_id=None, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, reference_greedy(ref, ids, am, 20))
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    assert cache.layers[LAZY[0]].keys.shape[2] == 2 + 12 - 1
+
+
+def test_a_short_sequence_holds_no_more_in_a_lazy_layer_than_in_a_full_one():
+    model, _ = _pair("llama", sink=4, window=1020)
+    ids, am = _left_padded(T=40, pads=(0, 0, 0))
+    out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                         eos_token_id=None, return_dict_in_generate=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    lazy, full = cache.layers[LAZY[0]], cache.layers[1]
+    assert lazy.keys.shape[2] == 4 + StreamingLayer.GROW < 4 + 1020 - 1  # one growth step, not the whole window
+    assert full.keys.shape[2] == 40 + 8 - 1
+
+
 def test_generation_uses_constant_size_hybrid_cache():
     model, _ = _pair("llama")
     sizes = []
