@@ -21,15 +21,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lt_train import HybridCache, HybridConfig, convert_to_hybrid  # noqa: E402
-from lt_train.cache import StreamingLayer  # noqa: E402
+from lt_train.cache import StreamingLayer, cache_nbytes  # noqa: E402
 from lt_train.models import load_model  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
-
-
-def kv_bytes(cache) -> int:
-    if isinstance(cache, HybridCache):
-        return cache.nbytes()["total"]
-    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
 
 
 def build_caches(model, prefill: DynamicCache, batch: int, lazy: list[int], prompt: int):
@@ -88,7 +82,7 @@ def main() -> None:
     times = {"full": [], "hybrid": []}
     for _ in range(args.repeats):
         full_cache, hybrid_cache = build_caches(hybrid_model, prefill, args.batch, lazy, args.prompt)
-        kv = {"full": kv_bytes(full_cache), "hybrid": kv_bytes(hybrid_cache)}
+        kv = {"full": cache_nbytes(full_cache), "hybrid": cache_nbytes(hybrid_cache)}
         times["full"].append(decode(full_model, full_cache, first, args.prompt, args.new))
         del full_cache
         times["hybrid"].append(decode(hybrid_model, hybrid_cache, first, args.prompt, args.new))
