@@ -257,6 +257,27 @@ def test_crash_and_torn_write_resume_exactly(tmp_path, monkeypatch):
     assert res["metrics"]["pass@1"] == ref["metrics"]["pass@1"] and res["torn_lines_dropped"] == 1
 
 
+def test_resume_with_a_smaller_batch_keeps_the_finished_samples(tmp_path, monkeypatch, caplog):
+    real, calls = runner.generate_batch, []
+
+    def crashing(*a, **k):
+        calls.append(len(a[2]))
+        if calls == [4, 2]:  # the second batch (6 samples in batches of 4) runs out of memory
+            raise RuntimeError("out of memory")
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "generate_batch", crashing)
+    with pytest.raises(RuntimeError):
+        job.run(_cfg(TINY + [f"output_dir={tmp_path}"]))
+    first = _samples(tmp_path / "tiny" / "samples.jsonl")
+    calls.clear()
+    res = job.run(_cfg(TINY + [f"output_dir={tmp_path}", "eval.batch_size=1"]))["tiny"]
+    assert calls == [1, 1] and "earlier samples were generated in batches of [4]" in caplog.text
+    got = _samples(tmp_path / "tiny" / "samples.jsonl")
+    assert len(got) == 6 and all(got[k] == v for k, v in first.items())
+    assert res["metrics"]["samples"] == 6
+
+
 def test_a_different_protocol_is_refused_in_the_same_folder(tmp_path):
     job.run(_cfg(TINY + [f"output_dir={tmp_path}"]))
     with pytest.raises(ValueError, match="temperature"):

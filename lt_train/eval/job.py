@@ -102,7 +102,9 @@ def evaluate_one(mcfg, hybrid: HybridConfig | None, problems: list[Problem], ecf
                     "past the positions the model was trained on", gs.max_new_tokens, mcfg["name"], max_pos)
     header = {"model": str(mcfg["name"]), "revision": mcfg.get("revision"), "dtype": str(mcfg.get("dtype")),
               "attention": attention, "benchmark": ecfg.name, "problems": len(problems),
-              "problems_fingerprint": fingerprint(problems), "mode": ecfg.mode, "generation": gs.to_dict()}
+              "problems_fingerprint": fingerprint(problems), "mode": ecfg.mode,
+              # the batch size may change between a crash and the resume (say, after running out of memory)
+              "generation": {k: v for k, v in gs.to_dict().items() if k != "batch_size"}}
     rank, world_size = world()
     if rank == 0:
         SampleStore.init_dir(run_dir, header, overwrite=bool(ecfg.get("overwrite", False)))

@@ -29,6 +29,11 @@ def generate_missing(model, tokenizer, problems: list[Problem], gs: GenSettings,
     missing = sum(not store.done(problems[p].id, s) for _, rows in todo for p, s in rows)
     if len(store.records) and rank == 0:
         log.info("%s: resuming, %d samples done, this process generates %d more", desc, len(store.records), missing)
+        earlier = {r.get("batch_size") for r in store.records.values()} - {gs.batch_size}
+        if earlier and missing:
+            log.warning("%s: earlier samples were generated in batches of %s, the rest use batches of %d (and that "
+                        "plan's seeds): valid samples, but not the ones an uninterrupted run would have drawn",
+                        desc, sorted(earlier), gs.batch_size)
     bar = tqdm(total=missing, desc=desc, unit="sample", disable=not progress)
     tokens = seconds = 0.0
     for b, rows in todo:
@@ -41,7 +46,7 @@ def generate_missing(model, tokenizer, problems: list[Problem], gs: GenSettings,
                 continue
             before = grader.timeouts
             records.append({
-                "problem": prob.id, "index": p, "sample": s, "batch": b, "seed": seed,
+                "problem": prob.id, "index": p, "sample": s, "batch": b, "batch_size": gs.batch_size, "seed": seed,
                 "answer": extract_answer(text), "correct": grader.grade(text, prob.answer, mode),
                 "grade_timeout": grader.timeouts > before, "tokens": n_tok, "finished": fin,
                 "batch_tokens": sum(out.tokens), "batch_seconds": round(out.seconds, 4),
@@ -71,7 +76,8 @@ def summarize(records: dict, problems: list[Problem], gs: GenSettings, mode: str
                          mean_tokens=sum(r["tokens"] for r in recs) / len(recs),
                          truncated=sum(not r["finished"] for r in recs)))
     summary = aggregate(rows)
-    batches = {r["batch"]: r for r in all_recs}  # per-batch statistics ride on each of the batch's samples
+    # per-batch statistics ride on each of the batch's samples (a resume may have changed the batch size)
+    batches = {(r.get("batch_size"), r["batch"]): r for r in all_recs}
     gen_tokens = sum(r["batch_tokens"] for r in batches.values())
     gen_seconds = sum(r["batch_seconds"] for r in batches.values())
     n = len(all_recs)
