@@ -196,7 +196,7 @@ def test_batched_generation_equals_one_prompt_at_a_time(hybrid):
     if hybrid:
         convert_to_hybrid(model, HybridConfig([1, 3], sink_tokens=2, window=6))
     prompts = [build_prompt(tok, q) for q in ("1+1?", "What is the sum of 17 and 25?", "Compute 3*4-2.")]
-    out = generate_batch(model, tok, prompts, _greedy(), seed=0)
+    out = generate_batch(model, tok, prompts, _greedy(), seeds=[0, 0, 0])
     for p, text, n, fin in zip(prompts, out.texts, out.tokens, out.finished):
         ids = tok(p, return_tensors="pt", add_special_tokens=False).input_ids
         ref = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=2)[0, ids.shape[1]:]
@@ -208,19 +208,54 @@ def test_batched_generation_equals_one_prompt_at_a_time(hybrid):
 def test_kv_bytes_of_a_full_model_match_the_cache_size_formula():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     prompts = [build_prompt(tok, q) for q in ("1+1?", "What is 17+25?")]
-    out = generate_batch(model, tok, prompts, _greedy(n_new=8), seed=0)
+    out = generate_batch(model, tok, prompts, _greedy(n_new=8), seeds=[0, 0])
     T = max(len(tok(p, add_special_tokens=False).input_ids) for p in prompts) + max(out.tokens) - 1
     c = model.config  # keys + values, every layer, fp32
     assert out.kv_bytes == 2 * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * T * 4
 
 
-def test_sampling_is_reproducible_per_seed():
+def test_a_sample_depends_on_its_seed_not_on_its_batch_mates():
     model, tok = tiny_model(), tiny_tokenizer()
     gs = GenSettings(2, False, 1.0, 0.95, 0, 12, 2, 0, None, None)
-    prompts = [build_prompt(tok, "Q")] * 2
-    a, b = generate_batch(model, tok, prompts, gs, 7), generate_batch(model, tok, prompts, gs, 7)
-    c = generate_batch(model, tok, prompts, gs, 8)
-    assert a.texts == b.texts and a.texts != c.texts
+    a, b = build_prompt(tok, "What is 12+30?"), build_prompt(tok, "Q")
+    pair = generate_batch(model, tok, [a, b], gs, [7, 9])
+    assert generate_batch(model, tok, [a, b], gs, [7, 9]).texts == pair.texts
+    assert generate_batch(model, tok, [a], gs, [7]).texts == pair.texts[:1]     # alone, unpadded
+    assert generate_batch(model, tok, [b, a], gs, [9, 7]).texts == pair.texts[::-1]
+    assert generate_batch(model, tok, [a, b], gs, [8, 9]).texts[0] != pair.texts[0]
+
+
+def test_top_k_and_top_p_keep_the_expected_tokens():
+    from lt_train.eval.sampling import next_tokens
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draw = lambda gs, n=400: {int(next_tokens(logits, gs, [g])[0]) for g in  # noqa: E731
+                              [torch.Generator().manual_seed(i) for i in range(n)]}
+    gs = GenSettings(1, False, 1.0, 1.0, 0, 1, 1, 0, None, None)
+    assert draw(gs) == {0, 1, 2, 3}
+    assert draw(GenSettings(1, False, 1.0, 0.8, 0, 1, 1, 0, None, None)) == {0, 1}      # 0.5 + 0.3 reach 0.8
+    assert draw(GenSettings(1, False, 1.0, 0.81, 0, 1, 1, 0, None, None)) == {0, 1, 2}
+    assert draw(GenSettings(1, False, 1.0, 1.0, 3, 1, 1, 0, None, None)) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_finished_rows_leave_the_batch_and_the_rest_still_match_one_at_a_time(hybrid):
+    model, tok = tiny_model("mistral"), tiny_tokenizer()
+    if hybrid:
+        convert_to_hybrid(model, HybridConfig([0, 2], sink_tokens=2, window=6))
+    prompts = [build_prompt(tok, q) for q in ("1+1?", "What is the sum of 17 and 25?", "Compute 3*4-2.")]
+    free = generate_batch(model, tok, prompts, _greedy(n_new=16), seeds=[0, 0, 0])
+    ids0 = tok(free.texts[0], add_special_tokens=False).input_ids
+    model.generation_config.eos_token_id = ids0[3]  # row 0 now stops by its 4th token, the others go on
+    out = generate_batch(model, tok, prompts, _greedy(n_new=16), seeds=[0, 0, 0])
+    assert out.finished[0] and out.tokens[0] <= 4
+    for p, text, n in zip(prompts, out.texts, out.tokens):
+        ids = tok(p, return_tensors="pt", add_special_tokens=False).input_ids
+        ref = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0,
+                             eos_token_id=[ids0[3], 2])[0, ids.shape[1]:]
+        stop = torch.isin(ref, torch.tensor([ids0[3], 2])).nonzero()
+        ref = ref[: int(stop[0, 0]) + 1] if len(stop) else ref
+        assert n == len(ref) and text == tok.decode(ref, skip_special_tokens=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,12 +328,12 @@ def test_scripted_outputs_give_the_expected_metrics_and_report(tmp_path, monkeyp
               2: ["nothing", "still nothing", "\\boxed{", "x"]}
     problems = load_problems(_cfg(["eval=demo", "eval.num_problems=3"]).eval)
 
-    def scripted(model, tok, prompts, gs, seed):
-        batch = next(rows for b, rows in enumerate(plan_batches(3, 4, gs.batch_size))
-                     if runner.batch_seed(gs.seed, b) == seed)
+    def scripted(model, tok, prompts, gs, seeds):
+        batch = next(rows for rows in plan_batches(3, 4, gs.batch_size)
+                     if [runner.sample_seed(gs.seed, p, s) for p, s in rows] == seeds)
         texts = [script[p][s].replace("616", problems[p].answer) if p == 0 else
                  script[p][s].replace("602", problems[p].answer) for p, s in batch]
-        return BatchOutput(texts, [10] * len(texts), [True] * len(texts), 0.5, 1000 + seed)
+        return BatchOutput(texts, [10] * len(texts), [True] * len(texts), 0.5, 1000)
 
     monkeypatch.setattr(runner, "generate_batch", scripted)
     res = job.run(_cfg(["model=tiny", "eval=demo", "eval.num_problems=3", "eval.n_samples=4",
@@ -435,19 +470,19 @@ def test_torchrun_processes_share_the_batches_and_match_one_process(tmp_path):
 
 def test_trainer_demo_accuracy_grades_each_problem_with_its_own_answer(monkeypatch):
     from lt_train.data import demo_examples
-    from lt_train.train.evaluate import demo_accuracy
+    from lt_train.train import evaluate
 
     model, tok = tiny_model(), tiny_tokenizer()
     problems = demo_examples(5, seed=3, min_steps=2, max_steps=3)
     right = {build_prompt(tok, p.question): p.answer for i, p in enumerate(problems) if i % 2 == 0}
+    batches = []
 
-    def answering(input_ids, attention_mask, **kw):  # answers the even problems right, the odd ones wrong
-        rows = []
-        for ids, m in zip(input_ids, attention_mask):
-            prompt = tok.decode(ids[m.bool()])
-            rows.append(torch.tensor(tok(f"\\boxed{{{right.get(prompt, '1000')}}}</s>", add_special_tokens=False).input_ids))
-        new = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=0)
-        return torch.cat([input_ids, new], 1)
+    def answering(model, tok, prompts, gs, seeds):  # the even problems answered right, the odd ones wrong
+        batches.append(len(prompts))
+        assert gs.greedy and gs.max_new_tokens == 16
+        texts = [f"so \\boxed{{{right.get(p, '1000')}}}" for p in prompts]
+        return BatchOutput(texts, [5] * len(texts), [True] * len(texts), 0.1, 0)
 
-    monkeypatch.setattr(model, "generate", answering)
-    assert demo_accuracy(model, tok, problems, max_new_tokens=16, batch_size=2) == pytest.approx(3 / 5)
+    monkeypatch.setattr(evaluate, "generate_batch", answering)
+    assert evaluate.demo_accuracy(model, tok, problems, max_new_tokens=16, batch_size=2) == pytest.approx(3 / 5)
+    assert batches == [2, 2, 1]

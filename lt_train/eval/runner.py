@@ -6,7 +6,7 @@ import logging
 from .benchmarks import Problem
 from .grader import Grader, extract_answer
 from .metrics import aggregate, problem_metrics
-from .sampling import GenSettings, batch_seed, build_prompt, generate_batch, plan_batches
+from .sampling import GenSettings, build_prompt, generate_batch, plan_batches, sample_seed
 from .store import SampleStore
 
 log = logging.getLogger(__name__)
@@ -17,8 +17,8 @@ def generate_missing(model, tokenizer, problems: list[Problem], gs: GenSettings,
                      ) -> int:
     """Generate and grade every sample `store` does not hold yet; returns how many this process generated.
 
-    A batch with any missing sample is generated whole, with its own seed, so its rows come out as they would
-    have in an uninterrupted run; only the missing rows are written. With `world` processes, each takes every
+    A batch with any missing sample is generated whole (its rows with their own seeds), so they come out as
+    they would have in an uninterrupted run; only the missing rows are written. With `world` processes, each takes every
     world-th of the unfinished batches (all processes see the same store, so they agree on the list)."""
     from tqdm.auto import tqdm
 
@@ -31,16 +31,16 @@ def generate_missing(model, tokenizer, problems: list[Problem], gs: GenSettings,
         log.info("%s: resuming, %d samples done, this process generates %d more", desc, len(store.records), missing)
         earlier = {r.get("batch_size") for r in store.records.values()} - {gs.batch_size}
         if earlier and missing:
-            log.warning("%s: earlier samples were generated in batches of %s, the rest use batches of %d (and that "
-                        "plan's seeds): valid samples, but not the ones an uninterrupted run would have drawn",
+            log.warning("%s: earlier samples were generated in batches of %s, the rest in batches of %d: each "
+                        "sample keeps its own seed, but a different batch shape can still flip a near-tie",
                         desc, sorted(earlier), gs.batch_size)
     bar = tqdm(total=missing, desc=desc, unit="sample", disable=not progress)
     tokens = seconds = 0.0
     for b, rows in todo:
-        seed = batch_seed(gs.seed, b)
-        out = generate_batch(model, tokenizer, [prompts[p] for p, _ in rows], gs, seed)
+        seeds = [sample_seed(gs.seed, p, s) for p, s in rows]
+        out = generate_batch(model, tokenizer, [prompts[p] for p, _ in rows], gs, seeds)
         records = []
-        for (p, s), text, n_tok, fin in zip(rows, out.texts, out.tokens, out.finished):
+        for (p, s), seed, text, n_tok, fin in zip(rows, seeds, out.texts, out.tokens, out.finished):
             prob = problems[p]
             if store.done(prob.id, s):
                 continue

@@ -1,8 +1,8 @@
 """Generation for evaluation: prompts, a fixed batch plan with per-batch seeds, one batched `generate` call.
 
-The batch plan depends only on (problems, n_samples, batch_size): sample s of problem p always lands in the
-same batch, and batch b always samples with seed `batch_seed(seed, b)`. So a resumed run regenerates an
-interrupted batch exactly, and two models compared on the same plan use the same seeds.
+The batch plan depends only on (problems, n_samples, batch_size), and sample s of problem p always samples
+with its own generator seeded `sample_seed(seed, p, s)`, whatever its batch. So a resumed run regenerates an
+interrupted batch exactly, and two models compared on the same problems use the same seeds.
 """
 from __future__ import annotations
 
@@ -77,10 +77,6 @@ def plan_batches(num_problems: int, n_samples: int, batch_size: int) -> list[lis
     return [flat[i : i + batch_size] for i in range(0, len(flat), batch_size)]
 
 
-def batch_seed(seed: int, batch: int) -> int:
-    return (seed * 1_000_003 + batch) % (2**63)
-
-
 def eos_ids(model, tokenizer) -> list[int]:
     """End-of-sequence ids: the model's generation config (chat models often list several) and the tokenizer's."""
     ids = model.generation_config.eos_token_id
@@ -95,17 +91,41 @@ def eos_ids(model, tokenizer) -> list[int]:
 @dataclass
 class BatchOutput:
     texts: list[str]
-    tokens: list[int]       # generated tokens per row, EOS included, padding excluded
+    tokens: list[int]       # generated tokens per row, EOS included
     finished: list[bool]    # False: cut at max_new_tokens
     seconds: float
-    kv_bytes: int           # cache size at the end of the batch (or its prefill peak, when larger)
+    kv_bytes: int           # the cache's largest size during the batch (its prefill peak, for online selection)
+
+
+def sample_seed(seed: int, problem: int, sample: int) -> int:
+    """The seed of one sample: its tokens do not depend on which batch or process draws it."""
+    return (seed * 1_000_003 + problem * 1009 + sample) % (2**63)
+
+
+def next_tokens(logits: torch.Tensor, gs: GenSettings, gens: list[torch.Generator]) -> torch.Tensor:
+    """Greedy, or temperature -> top-k -> top-p (the order of transformers' warpers), one generator per row."""
+    if gs.greedy:
+        return logits.argmax(-1)
+    logits = logits.float() / gs.temperature
+    if gs.top_k:
+        kth = logits.topk(min(gs.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if gs.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - gs.top_p  # the least likely tokens outside the top-p mass
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(gens)])
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, prompts: list[str], gs: GenSettings, seed: int) -> BatchOutput:
-    """One `generate` call over left-padded prompts, with a fresh cache whose size is read afterwards."""
-    from transformers import GenerationConfig
+def generate_batch(model, tokenizer, prompts: list[str], gs: GenSettings, seeds: list[int]) -> BatchOutput:
+    """Generate for left-padded prompts with a fresh cache; each row samples with its own seed.
 
+    The decode loop is written out (not `generate`) for two reasons: rows that finish are dropped from the
+    batch and the cache at once, so a long-reasoning batch does not keep computing its finished rows, and a
+    generator per row makes a sample's tokens independent of its batch-mates."""
     dev = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -113,29 +133,44 @@ def generate_batch(model, tokenizer, prompts: list[str], gs: GenSettings, seed: 
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
     finally:
         tokenizer.padding_side = side
-    eos = eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    # A fresh config, not the model's: checkpoints ship defaults (top_k=50, repetition penalties) that would
-    # silently change the protocol.
-    gcfg = GenerationConfig(max_new_tokens=gs.max_new_tokens, do_sample=not gs.greedy, eos_token_id=eos,
-                            pad_token_id=pad, **({} if gs.greedy else
-                                                 {"temperature": gs.temperature, "top_p": gs.top_p,
-                                                  "top_k": gs.top_k or None}))
+    eos = torch.tensor(eos_ids(model, tokenizer), device=dev)
+    gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
+    B = len(prompts)
+    out_tokens: list[list[int]] = [[] for _ in range(B)]
+    finished = [False] * B
     cache = new_cache(model)
-    torch.manual_seed(seed)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
-    out = model.generate(**enc, generation_config=gcfg, cache=cache)
+
+    mask = enc.attention_mask
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate() sets them
+    logits = model(input_ids=enc.input_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
+    peak = cache_nbytes(cache)
+    alive = list(range(B))
+    last = pos[:, -1:]
+    for step in range(gs.max_new_tokens):
+        tok = next_tokens(logits, gs, [gens[r] for r in alive])
+        done = torch.isin(tok, eos).tolist()
+        for r, t, d in zip(alive, tok.tolist(), done):
+            out_tokens[r].append(t)
+            finished[r] = d
+        keep = [j for j, d in enumerate(done) if not d]
+        if not keep or step == gs.max_new_tokens - 1:
+            break
+        if len(keep) < len(alive):  # drop finished rows from the batch and the cache
+            sel = torch.tensor(keep, device=dev)
+            cache.batch_select_indices(sel)
+            mask, last, tok = mask[sel], last[sel], tok[sel]
+            alive = [alive[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+        last = last + 1
+        logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=last, cache=cache,
+                       use_cache=True).logits[:, -1]
+        peak = max(peak, cache_nbytes(cache))
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
-    gen = out[:, enc.input_ids.shape[1]:].cpu()
-    is_eos = torch.isin(gen, torch.tensor(eos))
-    texts, tokens, finished = [], [], []
-    for row, hits in zip(gen, is_eos):
-        stop = int(hits.nonzero()[0, 0]) + 1 if hits.any() else row.numel()
-        texts.append(tokenizer.decode(row[:stop], skip_special_tokens=True))
-        tokens.append(stop)
-        finished.append(bool(hits.any()))
-    return BatchOutput(texts, tokens, finished, seconds, cache_nbytes(cache))
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in out_tokens]
+    return BatchOutput(texts, [len(t) for t in out_tokens], finished, seconds, peak)

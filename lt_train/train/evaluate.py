@@ -20,6 +20,6 @@ def demo_accuracy(model, tokenizer, problems: list[Example], max_new_tokens: int
     correct = 0
     for s in range(0, len(problems), batch_size):
         chunk = problems[s : s + batch_size]
-        out = generate_batch(model, tokenizer, [build_prompt(tokenizer, p.question) for p in chunk], gs, seed=0)
+        out = generate_batch(model, tokenizer, [build_prompt(tokenizer, p.question) for p in chunk], gs, seeds=[0] * len(chunk))
         correct += sum(grade_integer(t, p.answer) for t, p in zip(out.texts, chunk))
     return correct / len(problems)
