@@ -134,7 +134,6 @@ def generate_batch(model, tokenizer, prompts: list[str], gs: GenSettings, seeds:
     finally:
         tokenizer.padding_side = side
     eos = torch.tensor(eos_ids(model, tokenizer), device=dev)
-    gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
     B = len(prompts)
     out_tokens: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B
@@ -148,11 +147,13 @@ def generate_batch(model, tokenizer, prompts: list[str], gs: GenSettings, seeds:
     logits = model(input_ids=enc.input_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1]
     peak = cache_nbytes(cache)
+    # on the logits' device: with device_map=auto the LM head may sit on another GPU than the embeddings
+    gens = [torch.Generator(device=logits.device).manual_seed(int(s)) for s in seeds]
     alive = list(range(B))
     last = pos[:, -1:]
     for step in range(gs.max_new_tokens):
         tok = next_tokens(logits, gs, [gens[r] for r in alive])
-        done = torch.isin(tok, eos).tolist()
+        done = torch.isin(tok, eos.to(tok.device)).tolist()
         for r, t, d in zip(alive, tok.tolist(), done):
             out_tokens[r].append(t)
             finished[r] = d
@@ -160,9 +161,9 @@ def generate_batch(model, tokenizer, prompts: list[str], gs: GenSettings, seeds:
         if not keep or step == gs.max_new_tokens - 1:
             break
         if len(keep) < len(alive):  # drop finished rows from the batch and the cache
-            sel = torch.tensor(keep, device=dev)
+            sel = torch.tensor(keep)  # on the CPU: layers may sit on several devices (device_map)
             cache.batch_select_indices(sel)
-            mask, last, tok = mask[sel], last[sel], tok[sel]
+            mask, last, tok = mask[sel.to(dev)], last[sel.to(dev)], tok[sel.to(tok.device)]
             alive = [alive[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
         last = last + 1
