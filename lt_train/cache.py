@@ -33,7 +33,7 @@ class StreamingLayer(CacheLayerMixin):
     is_sliding = True  # so transformers sizes the shared mask from a full layer
     is_compileable = False
     is_croppable = False
-    GROW = 256  # slots added at a time while the sequence is shorter than S + W - 1
+    GROW = 64  # slots added at a time while the sequence is shorter than S + W - 1 (a copy per 64 tokens)
 
     def __init__(self, sink_tokens: int, window: int, **kwargs):
         super().__init__()
