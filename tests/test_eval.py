@@ -190,19 +190,32 @@ def _greedy(n_new=10, batch=3):
     return GenSettings(1, True, 0.0, 1.0, 0, n_new, batch, 0, None, None)
 
 
-@pytest.mark.parametrize("hybrid", [False, True])
-def test_batched_generation_equals_one_prompt_at_a_time(hybrid):
-    model, tok = tiny_model("qwen2"), tiny_tokenizer()
+PROMPTS = ("1+1?", "What is the sum of 17 and 25?", "Compute 3*4-2.")
+
+
+def _tiny_generator(arch, hybrid, lazy):
+    model, tok = tiny_model(arch), tiny_tokenizer()
     if hybrid:
-        convert_to_hybrid(model, HybridConfig([1, 3], sink_tokens=2, window=6))
-    prompts = [build_prompt(tok, q) for q in ("1+1?", "What is the sum of 17 and 25?", "Compute 3*4-2.")]
-    out = generate_batch(model, tok, prompts, _greedy(), seeds=[0, 0, 0])
+        convert_to_hybrid(model, HybridConfig(lazy, sink_tokens=2, window=6))
+    return model, tok, [build_prompt(tok, q) for q in PROMPTS]
+
+
+def _assert_matches_generate(model, tok, prompts, out, n_new, eos):
+    """Each row of a batched `generate_batch` equals transformers' `generate` on that prompt alone."""
     for p, text, n, fin in zip(prompts, out.texts, out.tokens, out.finished):
         ids = tok(p, return_tensors="pt", add_special_tokens=False).input_ids
-        ref = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=2)[0, ids.shape[1]:]
-        stop = (ref == 2).nonzero()
+        ref = model.generate(ids, max_new_tokens=n_new, do_sample=False, pad_token_id=0, eos_token_id=eos)
+        ref = ref[0, ids.shape[1]:]
+        stop = torch.isin(ref, torch.tensor(eos)).nonzero()
         ref = ref[: int(stop[0, 0]) + 1] if len(stop) else ref
         assert n == len(ref) and text == tok.decode(ref, skip_special_tokens=True) and fin == bool(len(stop))
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_batched_generation_equals_one_prompt_at_a_time(hybrid):
+    model, tok, prompts = _tiny_generator("qwen2", hybrid, [1, 3])
+    out = generate_batch(model, tok, prompts, _greedy(), seeds=[0, 0, 0])
+    _assert_matches_generate(model, tok, prompts, out, 10, [2])
 
 
 def test_kv_bytes_of_a_full_model_match_the_cache_size_formula():
@@ -240,22 +253,13 @@ def test_top_k_and_top_p_keep_the_expected_tokens():
 
 @pytest.mark.parametrize("hybrid", [False, True])
 def test_finished_rows_leave_the_batch_and_the_rest_still_match_one_at_a_time(hybrid):
-    model, tok = tiny_model("mistral"), tiny_tokenizer()
-    if hybrid:
-        convert_to_hybrid(model, HybridConfig([0, 2], sink_tokens=2, window=6))
-    prompts = [build_prompt(tok, q) for q in ("1+1?", "What is the sum of 17 and 25?", "Compute 3*4-2.")]
+    model, tok, prompts = _tiny_generator("mistral", hybrid, [0, 2])
     free = generate_batch(model, tok, prompts, _greedy(n_new=16), seeds=[0, 0, 0])
-    ids0 = tok(free.texts[0], add_special_tokens=False).input_ids
-    model.generation_config.eos_token_id = ids0[3]  # row 0 now stops by its 4th token, the others go on
+    stop = tok(free.texts[0], add_special_tokens=False).input_ids[3]
+    model.generation_config.eos_token_id = stop  # row 0 now stops by its 4th token, the others go on
     out = generate_batch(model, tok, prompts, _greedy(n_new=16), seeds=[0, 0, 0])
     assert out.finished[0] and out.tokens[0] <= 4
-    for p, text, n in zip(prompts, out.texts, out.tokens):
-        ids = tok(p, return_tensors="pt", add_special_tokens=False).input_ids
-        ref = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0,
-                             eos_token_id=[ids0[3], 2])[0, ids.shape[1]:]
-        stop = torch.isin(ref, torch.tensor([ids0[3], 2])).nonzero()
-        ref = ref[: int(stop[0, 0]) + 1] if len(stop) else ref
-        assert n == len(ref) and text == tok.decode(ref, skip_special_tokens=True)
+    _assert_matches_generate(model, tok, prompts, out, 16, [stop, 2])
 
 
 # ---------------------------------------------------------------------------------------------------------
