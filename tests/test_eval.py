@@ -354,6 +354,7 @@ def test_scripted_outputs_give_the_expected_metrics_and_report(tmp_path, monkeyp
     report = open(os.path.join(res["dir"], "report.md"), encoding="utf-8").read()
     assert "| demo-10000-1 | " + problems[1].answer + " | 1/4 | 25.0% | 7 | no |" in report
     assert json.load(open(os.path.join(res["dir"], "summary.json")))["metrics"]["pass@1"] == m["pass@1"]
+    assert report.startswith("# demo: tiny\n") and os.path.getsize(os.path.join(res["dir"], "lengths.png")) > 1000
 
 
 def test_hybrid_checkpoints_load_hybrid_and_generate_as_saved(tmp_path):

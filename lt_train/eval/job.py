@@ -124,7 +124,7 @@ def evaluate_one(mcfg, hybrid: HybridConfig | None, problems: list[Problem], ecf
     summary, per_problem = summarize(store.records, problems, gs, ecfg.mode, grader)
     meta = {"model": str(mcfg["name"]), "label": label, "attention": attention, "benchmark": ecfg.name,
             "protocol": protocol_of(gs), "generation": gs.to_dict(), "torn_lines_dropped": store.torn_lines}
-    write_run_report(run_dir, meta, summary, per_problem)
+    write_run_report(run_dir, meta, summary, per_problem, list(store.records.values()))
     log.info("%s on %s: pass@1 %.3f ± %.3f, maj@%d %.3f, %.1f tok/s, peak KV %.1f MiB -> %s", label, ecfg.name,
              summary["pass@1"], summary["pass@1_se"], gs.n_samples, summary[f"maj@{gs.n_samples}"],
              summary["tokens_per_s"], summary["peak_kv_bytes"] / 2**20, run_dir)

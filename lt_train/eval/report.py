@@ -39,14 +39,16 @@ def summary_rows(s: dict) -> list[list]:
     return rows
 
 
-def write_run_report(out_dir: str, meta: dict, summary: dict, per_problem: list[dict]) -> None:
-    """summary.json + report.md for one model."""
+def write_run_report(out_dir: str, meta: dict, summary: dict, per_problem: list[dict], samples: list[dict]) -> None:
+    """summary.json + report.md + lengths.png for one model."""
     atomic_write_json(os.path.join(out_dir, "summary.json"), {**meta, "metrics": summary, "problems": per_problem})
+    plot_lengths(os.path.join(out_dir, "lengths.png"), meta, samples)
     n = summary["n_samples"]
-    md = [f"# {meta['benchmark']}: {meta['model']}", "",
+    md = [f"# {meta['benchmark']}: {meta['label']}", "",
           f"{summary['problems']} problems x {n} samples. Model: `{meta['model']}` ({meta['attention']}). "
           f"Generation: {meta['protocol']}.", "",
-          _table(["metric", "value"], summary_rows(summary)), "", "## Per problem", "",
+          _table(["metric", "value"], summary_rows(summary)), "",
+          "Output lengths of correct and wrong samples: `lengths.png`.", "", "## Per problem", "",
           _table(["id", "reference", "correct", "pass@1", f"maj@{n} answer", "maj ok", "mean tokens", "cut"],
                  [[p["id"], _cell(p["reference"]), f"{p['correct']}/{p['n']}", _pct(p["pass@1"]),
                    _cell(p["maj_answer"]), "yes" if p["maj_correct"] else "no", f"{p['mean_tokens']:.0f}",
@@ -121,6 +123,28 @@ def plot_pass_at_k(path: str, runs: list[dict]) -> None:
     ax.set_ylabel("pass@k, % (x: maj@n)")
     ax.set_title(runs[0]["benchmark"])
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def plot_lengths(path: str, meta: dict, samples: list[dict]) -> None:
+    """Histogram of output tokens, correct vs wrong samples: long-reasoning failures often sit at the cap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cap = meta["generation"]["max_new_tokens"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    groups = [[r["tokens"] for r in samples if r["correct"]], [r["tokens"] for r in samples if not r["correct"]]]
+    ax.hist(groups, bins=30, range=(0, cap), stacked=True, color=["tab:green", "tab:red"],
+            label=[f"correct ({len(groups[0])})", f"wrong ({len(groups[1])})"])
+    ax.axvline(cap, color="k", linestyle=":", linewidth=1)
+    ax.set_xlabel(f"output tokens (cap {cap})")
+    ax.set_ylabel("samples")
+    ax.set_title(f"{meta['benchmark']}: {meta['label']}", fontsize=9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
