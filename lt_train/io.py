@@ -37,3 +37,19 @@ def atomic_write_text(path: str, text: str) -> None:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend: the jobs run headless."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str) -> None:
+    """Write a figure as a PNG atomically, then free it."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    pyplot().close(fig)

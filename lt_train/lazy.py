@@ -7,7 +7,9 @@ extra memory is O(last_queries * T) per layer and the cost is close to one forwa
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import random as _random
 from dataclasses import dataclass
 
@@ -263,3 +265,16 @@ def single_layer_delta_nll(model, samples, sink_tokens: int, window: int, progre
     finally:
         revert_hybrid(model)
     return delta, base_nll
+
+
+def read_selection(path: str, setting: str) -> dict:
+    """A lazy_layers.json written by launch/select_lazy.py or the trainer; `setting` names the option that
+    pointed to it, for the error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{setting}: {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        sel = json.load(f)
+    if not isinstance(sel, dict) or "lazy_layers" not in sel:
+        raise ValueError(f"{setting}: {path} has no 'lazy_layers' (expected a lazy_layers.json from "
+                         "launch/select_lazy.py)")
+    return sel

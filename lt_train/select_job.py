@@ -6,7 +6,7 @@ import os
 import time
 
 from .data import encode_example, load_examples
-from .io import atomic_write, atomic_write_json
+from .io import atomic_write_json, pyplot, save_figure
 from .lazy import select_with_stats
 from .models import load_from_config
 from .tracking import init_wandb
@@ -33,11 +33,7 @@ def selection_samples(dcfg, tokenizer, limit: int | None):
 
 
 def plot_ratios(path: str, result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     L = len(result["per_layer_ratio"])
     chosen = set(result["lazy_layers"])
     colors = ["tab:orange" if i in chosen else "tab:blue" for i in range(L)]
@@ -57,8 +53,7 @@ def plot_ratios(path: str, result: dict) -> None:
         for a in axes[:, 0]:
             a.set_xticks(range(L))
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(cfg) -> dict:

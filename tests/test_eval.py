@@ -369,7 +369,7 @@ def test_hybrid_checkpoints_load_hybrid_and_generate_as_saved(tmp_path):
     assert run["attention"].startswith("hybrid, 2/4 lazy layers [1, 3], S=2 W=6")
     samples = _samples(os.path.join(run["dir"], "samples.jsonl"))
     problems = load_problems(_cfg(["eval=demo", "eval.num_problems=2"]).eval)
-    for i, p in enumerate(problems):  # the in-memory hybrid model, generating on its own
+    for p in problems:  # the in-memory hybrid model, generating on its own
         ids = tok(build_prompt(tok, p.question), return_tensors="pt", add_special_tokens=False).input_ids
         ref = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=2)[0, ids.shape[1]:]
         assert samples[(p.id, 0)]["output"] == tok.decode(ref, skip_special_tokens=True)
@@ -491,3 +491,17 @@ def test_trainer_demo_accuracy_grades_each_problem_with_its_own_answer(monkeypat
     monkeypatch.setattr(evaluate, "generate_batch", answering)
     assert evaluate.demo_accuracy(model, tok, problems, max_new_tokens=16, batch_size=2) == pytest.approx(3 / 5)
     assert batches == [2, 2, 1]
+
+
+def test_hybrid_layers_from_a_selection_file_use_its_sink_and_window(tmp_path):
+    good, bad = tmp_path / "lazy_layers.json", tmp_path / "other.json"
+    good.write_text(json.dumps({"lazy_layers": [1, 3], "sink_tokens": 8, "recent_tokens": 64}))
+    bad.write_text(json.dumps({"layers": [1]}))
+    hc = job.hybrid_from_config(_cfg(TINY + [f"hybrid.from_file={good}", "hybrid.window=999"]).hybrid)
+    assert (hc.lazy_layers, hc.sink_tokens, hc.window) == ([1, 3], 8, 64)
+    with pytest.raises(ValueError, match="hybrid.from_file: .*has no 'lazy_layers'"):
+        job.hybrid_from_config(_cfg(TINY + [f"hybrid.from_file={bad}"]).hybrid)
+    with pytest.raises(FileNotFoundError, match="hybrid.from_file"):
+        job.hybrid_from_config(_cfg(TINY + [f"hybrid.from_file={tmp_path / 'none.json'}"]).hybrid)
+    with pytest.raises(ValueError, match="set one of"):
+        job.hybrid_from_config(_cfg(TINY + [f"hybrid.from_file={good}", "hybrid.lazy_layers=[1]"]).hybrid)

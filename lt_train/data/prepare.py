@@ -12,7 +12,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 
-from ..io import atomic_write, atomic_write_json
+from ..io import atomic_write_json, pyplot, save_figure
 from .format import encode_example
 from .sources import load_examples
 
@@ -117,11 +117,7 @@ def prepare(dcfg, tokenizer, tokenizer_name: str, cache_root: str, progress: boo
 
 
 def plot_lengths(path: str, stats: PrepareStats, max_length: int | None, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.hist(stats.lengths, bins=40, color="tab:blue")
     if max_length:
@@ -132,8 +128,7 @@ def plot_lengths(path: str, stats: PrepareStats, max_length: int | None, title: 
     ax.set_title(f"{title}: {stats.examples} examples, {stats.truncated} truncated, "
                  f"{stats.dropped_too_long} dropped")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def summary(stats: PrepareStats) -> str:

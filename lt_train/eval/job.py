@@ -7,7 +7,6 @@ comparison.md / passk.png in `output_dir`: accuracy difference, throughput ratio
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import re
@@ -16,6 +15,7 @@ import torch
 
 from ..distributed import barrier, init_if_needed, world
 from ..hybrid import CONFIG_KEY, HybridConfig, convert_to_hybrid
+from ..lazy import read_selection
 from ..models import load_from_config
 from ..tracking import init_wandb
 from .benchmarks import Problem, fingerprint, load_problems
@@ -42,13 +42,7 @@ def hybrid_from_config(hcfg) -> HybridConfig | None:
     if chosen[0] == "online_num_lazy":
         return HybridConfig([], S, W, backend, online_num_lazy=hcfg.online_num_lazy)
     if chosen[0] == "from_file":
-        path = str(hcfg.from_file)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"hybrid.from_file: {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            sel = json.load(f)
-        if "lazy_layers" not in sel:
-            raise ValueError(f"{path} has no 'lazy_layers' (expected a lazy_layers.json from launch/select_lazy.py)")
+        sel = read_selection(str(hcfg.from_file), "hybrid.from_file")
         # the layers were chosen for the file's S and W: use those
         return HybridConfig(list(sel["lazy_layers"]), int(sel.get("sink_tokens", S)),
                             int(sel.get("recent_tokens", W)), backend)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from ..io import atomic_write, atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, pyplot, save_figure
 from .metrics import ks_for, paired_difference
 
 MiB = 2**20
@@ -107,11 +107,7 @@ def write_comparison(out_dir: str, a: dict, b: dict) -> dict:
 
 
 def plot_pass_at_k(path: str, runs: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for r in runs:
         m = r["metrics"]
@@ -124,17 +120,12 @@ def plot_pass_at_k(path: str, runs: list[dict]) -> None:
     ax.set_title(runs[0]["benchmark"])
     ax.legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_lengths(path: str, meta: dict, samples: list[dict]) -> None:
     """Histogram of output tokens, correct vs wrong samples: long-reasoning failures often sit at the cap."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cap = meta["generation"]["max_new_tokens"]
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     groups = [[r["tokens"] for r in samples if r["correct"]], [r["tokens"] for r in samples if not r["correct"]]]
@@ -146,5 +137,4 @@ def plot_lengths(path: str, meta: dict, samples: list[dict]) -> None:
     ax.set_title(f"{meta['benchmark']}: {meta['label']}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)

@@ -18,8 +18,9 @@ def generate_missing(model, tokenizer, problems: list[Problem], gs: GenSettings,
     """Generate and grade every sample `store` does not hold yet; returns how many this process generated.
 
     A batch with any missing sample is generated whole (its rows with their own seeds), so they come out as
-    they would have in an uninterrupted run; only the missing rows are written. With `world` processes, each takes every
-    world-th of the unfinished batches (all processes see the same store, so they agree on the list)."""
+    they would have in an uninterrupted run; only the missing rows are written. With `world` processes, each
+    takes every world-th of the unfinished batches (all processes see the same store, so they agree on the
+    list)."""
     from tqdm.auto import tqdm
 
     prompts = [build_prompt(tokenizer, p.question, gs.instruction, gs.system_prompt) for p in problems]
@@ -64,7 +65,7 @@ def summarize(records: dict, problems: list[Problem], gs: GenSettings, mode: str
               ) -> tuple[dict, list[dict]]:
     """Accuracy, length, throughput and memory of a finished run; and one row per problem."""
     rows, all_recs = [], []
-    for i, prob in enumerate(problems):
+    for prob in problems:
         recs = [records.get((prob.id, s)) for s in range(gs.n_samples)]
         if any(r is None for r in recs):
             raise ValueError(f"problem {prob.id!r} has {sum(r is not None for r in recs)}/{gs.n_samples} "

@@ -1,4 +1,4 @@
-"""Generation for evaluation: prompts, a fixed batch plan with per-batch seeds, one batched `generate` call.
+"""Generation for evaluation: prompts, a fixed batch plan, and a batched decode loop with a seed per sample.
 
 The batch plan depends only on (problems, n_samples, batch_size), and sample s of problem p always samples
 with its own generator seeded `sample_seed(seed, p, s)`, whatever its batch. So a resumed run regenerates an
@@ -15,9 +15,6 @@ import torch
 from ..cache import cache_nbytes, new_cache
 
 log = logging.getLogger(__name__)
-
-R1_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-
 
 @dataclass(frozen=True)
 class GenSettings:

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 def _same_header(header_path: str, header: dict, where: str) -> None:
     with open(header_path, encoding="utf-8") as f:
         old = json.load(f)
+    header = json.loads(json.dumps(header))  # the form it has on disk (tuples -> lists, int keys -> str)
     diff = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
     if diff:
         details = "; ".join(f"{k}: {old.get(k)!r} -> {header.get(k)!r}" for k in diff)
@@ -37,7 +38,7 @@ class SampleStore:
         header_path = os.path.join(out_dir, "run.json")
         if not os.path.exists(header_path):
             raise FileNotFoundError(f"{header_path} is missing: SampleStore.init_dir was not called")
-        _same_header(header_path, json.loads(json.dumps(header)), out_dir)
+        _same_header(header_path, header, out_dir)
         self.torn_lines = 0
         self.reload()
 
@@ -52,7 +53,6 @@ class SampleStore:
                 if os.path.exists(p):
                     os.remove(p)
             files = []
-        header = json.loads(json.dumps(header))  # the form it has on disk (tuples -> lists, int keys -> str)
         if os.path.exists(header_path):
             _same_header(header_path, header, out_dir)
         elif files:

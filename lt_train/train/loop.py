@@ -19,7 +19,7 @@ from ..data.format import EncodedExample
 from ..data.prepare import prepare
 from ..hybrid import HybridConfig, convert_to_hybrid, set_lazy_layers
 from ..io import atomic_write_json, atomic_write_text
-from ..lazy import select_with_stats
+from ..lazy import read_selection, select_with_stats
 from ..models import load_from_config
 from ..nll import decoder_of, lm_head_loss_sum
 from ..tracking import init_wandb
@@ -68,8 +68,7 @@ def _choose_lazy(cfg, model, train_encoded, out_dir, rank) -> list[int]:
     if lz.get("layers") is not None:
         return [int(i) for i in lz.layers]
     if lz.get("from_file"):
-        with open(lz.from_file, encoding="utf-8") as f:
-            layers = json.load(f)["lazy_layers"]
+        layers = read_selection(lz.from_file, "lazy.from_file")["lazy_layers"]
         _log(rank, f"lazy layers from {lz.from_file}: {layers}")
         return layers
     samples = [e.input_ids for e in train_encoded[: lz.get("max_samples") or len(train_encoded)]]
