@@ -238,6 +238,15 @@ def test_a_sample_depends_on_its_seed_not_on_its_batch_mates():
     assert generate_batch(model, tok, [a, b], gs, [8, 9]).texts[0] != pair.texts[0]
 
 
+def test_sample_seeds_are_distinct_within_a_run_and_stable():
+    from lt_train.eval.sampling import sample_seed
+
+    for n in (8, 1009, 1500):
+        seeds = {sample_seed(3, p, s, n) for p in range(4) for s in range(n)}
+        assert len(seeds) == 4 * n
+    assert sample_seed(0, 2, 3, 8) == 2 * 1009 + 3  # samples already on disk keep their seeds on resume
+
+
 def test_top_k_and_top_p_keep_the_expected_tokens():
     from lt_train.eval.sampling import next_tokens
 
@@ -334,7 +343,7 @@ def test_scripted_outputs_give_the_expected_metrics_and_report(tmp_path, monkeyp
 
     def scripted(model, tok, prompts, gs, seeds):
         batch = next(rows for rows in plan_batches(3, 4, gs.batch_size)
-                     if [runner.sample_seed(gs.seed, p, s) for p, s in rows] == seeds)
+                     if [runner.sample_seed(gs.seed, p, s, gs.n_samples) for p, s in rows] == seeds)
         texts = [script[p][s].replace("616", problems[p].answer) if p == 0 else
                  script[p][s].replace("602", problems[p].answer) for p, s in batch]
         return BatchOutput(texts, [10] * len(texts), [True] * len(texts), 0.5, 1000)

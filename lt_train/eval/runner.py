@@ -38,7 +38,7 @@ def generate_missing(model, tokenizer, problems: list[Problem], gs: GenSettings,
     bar = tqdm(total=missing, desc=desc, unit="sample", disable=not progress)
     tokens = seconds = 0.0
     for b, rows in todo:
-        seeds = [sample_seed(gs.seed, p, s) for p, s in rows]
+        seeds = [sample_seed(gs.seed, p, s, gs.n_samples) for p, s in rows]
         out = generate_batch(model, tokenizer, [prompts[p] for p, _ in rows], gs, seeds)
         records = []
         for (p, s), seed, text, n_tok, fin in zip(rows, seeds, out.texts, out.tokens, out.finished):

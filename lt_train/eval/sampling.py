@@ -1,8 +1,8 @@
 """Generation for evaluation: prompts, a fixed batch plan, and a batched decode loop with a seed per sample.
 
 The batch plan depends only on (problems, n_samples, batch_size), and sample s of problem p always samples
-with its own generator seeded `sample_seed(seed, p, s)`, whatever its batch. So a resumed run regenerates an
-interrupted batch exactly, and two models compared on the same problems use the same seeds.
+with its own generator seeded `sample_seed(seed, p, s, n_samples)`, whatever its batch. So a resumed run
+regenerates an interrupted batch exactly, and two models compared on the same problems use the same seeds.
 """
 from __future__ import annotations
 
@@ -94,9 +94,10 @@ class BatchOutput:
     kv_bytes: int           # the cache's largest size during the batch (its prefill peak, for online selection)
 
 
-def sample_seed(seed: int, problem: int, sample: int) -> int:
-    """The seed of one sample: its tokens do not depend on which batch or process draws it."""
-    return (seed * 1_000_003 + problem * 1009 + sample) % (2**63)
+def sample_seed(seed: int, problem: int, sample: int, n_samples: int) -> int:
+    """The seed of one sample: its tokens do not depend on which batch or process draws it. Distinct for every
+    (problem, sample) of a run: the problem stride grows past 1009 when a run draws more samples than that."""
+    return (seed * 1_000_003 + problem * max(1009, n_samples) + sample) % (2**63)
 
 
 def next_tokens(logits: torch.Tensor, gs: GenSettings, gens: list[torch.Generator]) -> torch.Tensor:
