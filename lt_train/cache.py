@@ -11,7 +11,27 @@ through the `kwargs` dict that transformers hands to `Cache.update` and then to 
 from __future__ import annotations
 
 import torch
+import transformers
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+
+MIN_TRANSFORMERS = (5, 24)
+
+
+def require_transformers(version: str) -> None:
+    """The hybrid cache reads position ids in `Cache.update(..., kwargs=...)` and hands slot metadata to the
+    attention function through that dict; transformers passes it from 5.24 on. Older versions would run the
+    lazy layers over the ring with the wrong mask, so refuse them."""
+    parts = []
+    for p in version.split(".")[:2]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    if tuple(parts) < MIN_TRANSFORMERS:
+        raise ImportError(f"lt_train needs transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))} (found {version}): "
+                          "earlier versions do not pass the attention kwargs to Cache.update, which the hybrid "
+                          "cache needs. pip install -U 'transformers>=5.24,<6'")
+
+
+require_transformers(transformers.__version__)
 
 KV_META = "lt_kv_meta"  # key under which a StreamingLayer passes slot metadata to the attention function
 INVALID_POS = 1 << 60  # position of an empty slot: never <= a query position, so always masked
