@@ -32,3 +32,22 @@ def all_reduce_sum(x: float, device) -> float:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def group() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, (0, 1) without one: the split of work that is
+    shared out (selection) follows the group that can actually combine the results."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over the process group (the same bits on every rank), returned on t's device and dtype; `t`
+    itself when there is no group. Travels as float64 on the backend's device (gloo: CPU, NCCL: GPU)."""
+    if group()[1] == 1:
+        return t
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    buf = t.detach().to(dev, torch.float64)
+    dist.all_reduce(buf)
+    return buf.to(t.device, t.dtype)

@@ -17,6 +17,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from .distributed import all_reduce_tensor, group
 from .nll import decoder_of
 
 STRATEGIES = ("default", "nll", "ratio", "frequency", "random", "first", "last", "pyramid")
@@ -212,11 +213,19 @@ def select_with_stats(model, samples, num_lazy, strategy: str = "default", sink_
                       "1 for every layer and says nothing. Use longer samples or a smaller window.", stacklevel=2)
 
     dev = next(model.parameters()).device
-    per_sample_heads = [
-        lazy_ratios_per_head(model, s.to(dev)[None], sink_tokens, recent_tokens, last_queries)
-        for s in tqdm(samples, desc="lazy ratios", disable=not progress)
-    ]
-    heads = torch.stack(per_sample_heads)  # [N, L, H]
+    # Shared out over the process group: each rank measures samples rank, rank + world, ...; a sum over ranks
+    # (zeros elsewhere) gives every rank the same statistics, so they all choose the same layers.
+    rank, world_size = group()
+    heads = None
+    for k in tqdm(range(rank, len(samples), world_size), desc="lazy ratios", disable=not progress):
+        h = lazy_ratios_per_head(model, samples[k].to(dev)[None], sink_tokens, recent_tokens, last_queries)
+        if heads is None:
+            heads = torch.zeros(len(samples), *h.shape, dtype=torch.float64)
+        heads[k] = h.double().cpu()
+    if heads is None:  # more ranks than samples: this rank measured none; learn the shape from one sample
+        h = lazy_ratios_per_head(model, samples[0].to(dev)[None], sink_tokens, recent_tokens, last_queries)
+        heads = torch.zeros(len(samples), *h.shape, dtype=torch.float64)
+    heads = all_reduce_tensor(heads).float()  # [N, L, H]
     per_sample = heads.mean(-1)  # [N, L]
     mean_ratio = per_sample.mean(0)
     sel = Selection([], strategy, L, mean_ratio.tolist(), heads.mean(0).tolist(), per_sample.tolist(),
@@ -248,23 +257,26 @@ def select_with_stats(model, samples, num_lazy, strategy: str = "default", sink_
 
 
 def single_layer_delta_nll(model, samples, sink_tokens: int, window: int, progress: bool = False):
-    """Increase of the mean NLL on `samples` when each layer alone becomes a streaming layer."""
+    """Increase of the mean NLL on `samples` when each layer alone becomes a streaming layer. Shared out over
+    the process group: rank r scores layers r, r + world, ...; the results are summed over ranks, so every rank
+    holds every layer's score (each rank computes the unconverted NLL itself: one forward per sample)."""
     from tqdm.auto import tqdm
 
     from .hybrid import HybridConfig, convert_to_hybrid, revert_hybrid, set_lazy_layers
     from .nll import mean_nll
 
     L = model.config.get_text_config(decoder=True).num_hidden_layers
+    rank, world_size = group()
     base_nll = mean_nll(model, samples)
     convert_to_hybrid(model, HybridConfig([], sink_tokens, window))
+    delta = torch.zeros(L, dtype=torch.float64)
     try:
-        delta = []
-        for i in tqdm(range(L), desc="single-layer NLL", disable=not progress):
+        for i in tqdm(range(rank, L, world_size), desc="single-layer NLL", disable=not progress):
             set_lazy_layers(model, HybridConfig([i], sink_tokens, window))
-            delta.append(mean_nll(model, samples) - base_nll)
+            delta[i] = mean_nll(model, samples) - base_nll
     finally:
         revert_hybrid(model)
-    return delta, base_nll
+    return all_reduce_tensor(delta).tolist(), base_nll
 
 
 def read_selection(path: str, setting: str) -> dict:

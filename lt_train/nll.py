@@ -10,12 +10,10 @@ def decoder_of(model):
     return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
 
 
-def lm_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024,
-                     checkpoint_head: bool = True) -> torch.Tensor:
+def lm_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Sum of next-token cross-entropies for decoder states `hidden` [B, T, H] and `labels` [B, T] (-100
-    ignored). With gradients, each chunk is checkpointed so that its logits are not kept for backward
-    (`checkpoint_head=False` under ZeRO-3: re-running the head in backward would meet its weight already
-    partitioned again)."""
+    ignored). With gradients, each chunk is checkpointed so that its logits are not kept for backward (under
+    ZeRO-3 use `zero3_head_loss_sum`: re-running the head in backward would meet its weight partitioned again)."""
     head = model.get_output_embeddings()
     hidden, targets = hidden[:, :-1], labels[:, 1:]
 
@@ -28,8 +26,29 @@ def lm_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: i
     for s in range(0, targets.shape[1], chunk):
         h, t = hidden[:, s : s + chunk], targets[:, s : s + chunk]
         total = total + (torch.utils.checkpoint.checkpoint(part, h, t, use_reentrant=False)
-                         if checkpoint_head and torch.is_grad_enabled() else part(h, t))
+                         if torch.is_grad_enabled() else part(h, t))
     return total
+
+
+def zero3_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, scale: float,
+                        chunk: int = 1024) -> torch.Tensor:
+    """`lm_head_loss_sum` x `scale` under DeepSpeed ZeRO-3, through DeepSpeed's own tiled loss
+    (`TiledFusedLogitsLoss`, ALST): chunk by chunk, the head runs forward and backward at once while ZeRO-3 holds
+    its weight gathered, so neither the T x vocab logits nor a re-run of the head in backward (which would meet
+    its weight partitioned again) ever happens. The head's weight gradient is produced inside this call, so the
+    loss scale of the step (world size / target tokens) is applied here, not to the returned value."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
+
+    head = model.get_output_embeddings()
+    x, y = hidden[:, :-1], labels[:, 1:]
+    shards = max(1, -(-y.shape[1] // chunk))
+
+    def fn(head_module, xs, ys):
+        logits = head_module(xs).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ys.reshape(-1), ignore_index=-100,
+                               reduction="sum") * scale
+
+    return TiledFusedLogitsLoss.apply(fn, head, x, y, None, shards, [head.weight], "sum")
 
 
 @torch.no_grad()

@@ -5,7 +5,10 @@ import logging
 import os
 import time
 
+import torch
+
 from .data import encode_example, load_examples
+from .distributed import group, init_if_needed
 from .io import atomic_write_json, pyplot, save_figure
 from .lazy import select_with_stats
 from .models import load_from_config
@@ -57,15 +60,22 @@ def plot_ratios(path: str, result: dict) -> None:
 
 
 def run(cfg) -> dict:
-    """Select lazy layers as `cfg` (conf/select_lazy.yaml) says; writes and returns the result dict."""
+    """Select lazy layers as `cfg` (conf/select_lazy.yaml) says; writes (rank 0) and returns the result dict.
+    Under `torchrun --nproc_per_node=N` every process holds the model and measures 1/N of the samples (ratios)
+    and of the layers (nll); all processes end with the same choice."""
     from omegaconf import OmegaConf
 
     lz = cfg.lazy
     out_dir = cfg.output_dir
+    init_if_needed()  # under torchrun the measurements are shared out over the processes
+    rank, world_size = group()
     os.makedirs(out_dir, exist_ok=True)
     model, tok = load_from_config(cfg.model)
+    if torch.cuda.is_available() and world_size > 1 and not cfg.model.get("device_map"):
+        model.to(torch.device("cuda", torch.cuda.current_device()))
     samples, data_desc = selection_samples(cfg.data, tok, lz.get("max_samples"))
-    run_ = init_wandb(cfg.logging, OmegaConf.to_container(cfg, resolve=True), "select_lazy", out_dir)
+    run_ = init_wandb(cfg.logging, OmegaConf.to_container(cfg, resolve=True), "select_lazy", out_dir) if rank == 0 \
+        else None
     t0 = time.perf_counter()
     sel = select_with_stats(model, samples, lz.num_lazy, lz.strategy, lz.sink_tokens, lz.recent_tokens,
                             lz.last_queries, lz.seed, lz.get("nll_samples", 4), progress=True)
@@ -87,7 +97,12 @@ def run(cfg) -> dict:
                   "model_type": model.config.model_type},
         "data": data_desc,
         "seconds": round(time.perf_counter() - t0, 1),
+        "processes": world_size,
     }
+    if world_size > 1:
+        print(f"rank {rank}: lazy layers ({sel.strategy}): {sel.layers}", flush=True)
+    if rank != 0:
+        return result
     json_path = os.path.join(out_dir, "lazy_layers.json")
     atomic_write_json(json_path, result)
     png = os.path.join(out_dir, "lazy_ratios.png")

@@ -71,3 +71,27 @@ def test_prepare_command_line(tmp_path):
     assert "examples: 4" in proc.stdout
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["examples"] == 4 and (tmp_path / "out" / "lengths.png").exists()
+
+
+def test_selection_shared_over_two_processes_chooses_what_one_process_chooses(tmp_path):
+    """nll scores each layer on one rank only and ratios each sample on one rank only; the sums over ranks give
+    every rank the same statistics, the same layers and the same file as a single process."""
+    import re
+
+    script = os.path.join(ROOT, "launch", "select_lazy.py")
+    args = TINY + ["lazy.strategy=nll"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, script, *args, f"output_dir={tmp_path}/one"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=600, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                          "29631", script, *args, f"output_dir={tmp_path}/two"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=600, env=env)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    a = json.loads((tmp_path / "one" / "lazy_layers.json").read_text())
+    b = json.loads((tmp_path / "two" / "lazy_layers.json").read_text())
+    ranks = dict(re.findall(r"rank (\d): lazy layers \(nll\): (\[[\d, ]*\])", two.stdout))
+    assert set(ranks) == {"0", "1"} and len(set(ranks.values())) == 1
+    assert json.loads(ranks["1"]) == a["lazy_layers"] == b["lazy_layers"] and b["processes"] == 2
+    assert b["delta_nll"] == pytest.approx(a["delta_nll"], abs=1e-6)
+    assert b["per_layer_ratio"] == pytest.approx(a["per_layer_ratio"], abs=1e-6)

@@ -42,3 +42,35 @@ def test_zero3_cpu_offload_with_bf16(tmp_path):
     ls = losses(tmp_path)
     assert len(ls) == 4 and ls[4] < ls[1]
     assert load_hybrid(str(tmp_path / "model")).config.lt_hybrid["lazy_layers"] == [1, 3]
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_zero3_loads_partitioned_and_its_tiled_loss_equals_the_plain_engine(tmp_path, monkeypatch, mode):
+    """Two ZeRO-3 processes (the model built inside zero.Init from a saved checkpoint, the LM head through
+    DeepSpeed's tiled loss) against one plain process with the same rows per step: equal per-step losses and
+    gradient norms, and each rank holds half of the model after loading."""
+    import re
+
+    import train_helpers
+    from lt_train.models import tiny_model, tiny_tokenizer
+
+    ckpt = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(ckpt)
+    tiny_tokenizer().save_pretrained(ckpt)
+    monkeypatch.setattr(train_helpers, "TINY", [a for a in train_helpers.TINY if not a.startswith("model=")]
+                        + [f"model={ckpt}"])
+    common = [f"train={mode}", "train.max_steps=3", "train.save_every=0", "validation.enabled=false",
+              "train.lr=1e-3"] + (["train.lora.dropout=0"] if mode == "lora" else [])
+    plain = train_helpers.run_train(tmp_path / "plain", common + ["train.grad_accum=2"])
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    z3 = train_helpers.run_train(tmp_path / "z3", common + ["deepspeed=zero3", "train.grad_accum=1"], nproc=2)
+    assert z3.returncode == 0, z3.stdout[-3000:] + z3.stderr[-3000:]
+    shares = re.findall(r"rank (\d): holds ([\d.]+)% of the model", z3.stdout)
+    assert sorted(r for r, _ in shares) == ["0", "1"] and all(abs(float(s) - 50) < 1 for _, s in shares)
+
+    def log(d):
+        return [json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines()]
+
+    for a, b in zip(log(tmp_path / "plain"), log(tmp_path / "z3"), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)

@@ -26,6 +26,10 @@ def validate(cfg, world_size: int) -> None:
         raise ValueError(f"train.mode must be one of {MODES}, got {tr.mode!r}")
     if int(tr.grad_accum) < 1 or float(tr.lr) <= 0:
         raise ValueError("train.grad_accum must be >= 1 and train.lr > 0")
+    gb = tr.get("global_batch")
+    if gb is not None and (int(gb) < 1 or int(gb) % world_size):
+        raise ValueError(f"train.global_batch={gb} must be a positive multiple of the {world_size} processes "
+                         f"(each process takes global_batch / {world_size} packed rows per step)")
     if not tr.max_steps and not tr.epochs:
         raise ValueError("set train.max_steps or train.epochs")
     if tr.get("fp16"):

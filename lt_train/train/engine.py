@@ -62,8 +62,13 @@ class PlainEngine:
 
 
 def deepspeed_config(ds_cfg, train_cfg, grad_accum: int) -> dict:
+    from ..plan import ALLGATHER_BUCKET, PREFETCH_BUCKET, REDUCE_BUCKET
+
     stage = int(ds_cfg.stage)
-    zero = {"stage": stage}
+    # buckets set here, not left to DeepSpeed's defaults, so that the memory plan counts what the engine allocates
+    zero = {"stage": stage, "reduce_bucket_size": REDUCE_BUCKET, "allgather_bucket_size": ALLGATHER_BUCKET}
+    if stage == 3:
+        zero["stage3_prefetch_bucket_size"] = PREFETCH_BUCKET
     if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if ds_cfg.get("offload_optimizer"):

@@ -4,6 +4,7 @@ Runs as `python launch/train.py` (one process) or `torchrun --nproc_per_node=N l
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from ..hybrid import HybridConfig, convert_to_hybrid, set_lazy_layers
 from ..io import atomic_write_json, atomic_write_text
 from ..lazy import read_selection, select_with_stats
 from ..models import load_from_config
-from ..nll import decoder_of, lm_head_loss_sum
+from ..nll import decoder_of, lm_head_loss_sum, zero3_head_loss_sum
 from ..tracking import init_wandb
 from . import checkpoint as ckpt
 from .config import validate
@@ -55,12 +56,16 @@ def plan_rows(lengths: list[int], pack_length: int, seed: int, epochs: int) -> l
     return rows
 
 
-def token_loss_sum(model, batch, checkpoint_head: bool = True) -> torch.Tensor:
-    """Sum of token NLLs of a batch (see `nll.lm_head_loss_sum`)."""
+def token_loss_sum(model, batch, zero3_scale: float | None = None) -> torch.Tensor:
+    """Sum of token NLLs of a batch, the LM head applied in chunks (`nll.lm_head_loss_sum`). Under ZeRO-3 pass
+    `zero3_scale` (the step's loss scale): DeepSpeed's tiled loss then returns the sum already scaled, its head
+    gradient computed inside the call (`nll.zero3_head_loss_sum`)."""
     inputs = batch.model_inputs()
     labels = inputs.pop("labels")
     hidden = decoder_of(model)(**inputs).last_hidden_state
-    return lm_head_loss_sum(model, hidden, labels, checkpoint_head=checkpoint_head)
+    if zero3_scale is not None:
+        return zero3_head_loss_sum(model, hidden, labels, zero3_scale)
+    return lm_head_loss_sum(model, hidden, labels)
 
 
 def _choose_lazy(cfg, model, train_encoded, out_dir, rank) -> list[int]:
@@ -136,11 +141,70 @@ def _rebuild(cfg, hc: HybridConfig, state: dict):
     return model.merge_and_unload() if cfg.train.mode == "lora" else model
 
 
+def _partitioned_loading(ds_config: dict):
+    """Make transformers build the model inside DeepSpeed's zero.Init (from_pretrained and from_config), so
+    that no rank ever holds the whole model: the returned object must stay referenced until the model is
+    built (transformers holds it through a weakref)."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def _parameter_storage(model) -> tuple[int, int]:
+    """(elements this rank stores, elements of the whole model): a ZeRO-3 parameter stores its partition."""
+    local = whole = 0
+    for p in model.parameters():
+        full = getattr(p, "ds_numel", p.numel())
+        whole += full
+        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+    return local, whole
+
+
+def _needs_forwards(cfg) -> bool:
+    lz = cfg.lazy
+    chooses = lz.get("layers") is None and not lz.get("from_file")
+    return bool(chooses or cfg.validation.enabled)
+
+
+@contextlib.contextmanager
+def _full_weights(model, enabled: bool):
+    """All parameters gathered on every rank for the block (ZeRO-3 partitioned model); a no-op otherwise. Every
+    rank must enter (the gather is a collective); changes to the weights inside are discarded."""
+    if not enabled:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield
+
+
+def check_plan(cfg, world_size: int, rank: int):
+    """Plan the run's memory for the hardware it sees (or the `hardware` group) and refuse, before loading any
+    weights, a run that does not fit (`train.ignore_plan=true` runs it anyway). Writes plan.json."""
+    from ..plan import plan_memory, resolve_hardware, write_plan
+
+    plan = plan_memory(cfg, resolve_hardware(cfg, world_size))
+    if rank == 0:
+        write_plan(plan, cfg.output_dir)
+    if not plan.fits:
+        msg = f"{plan.table()}\nThis run does not fit (plan in {cfg.output_dir}/plan.json); " \
+              "apply one of the changes above, or set train.ignore_plan=true to run anyway."
+        if not cfg.train.get("ignore_plan"):
+            raise RuntimeError(msg)
+        _log(rank, "train.ignore_plan=true: running although " + msg)
+    else:
+        _log(rank, f"memory plan: {plan.per_gpu_total / 2**30:.2f} GiB per {'GPU' if plan.hardware.gpus else 'process'}"
+                   f" ({cfg.output_dir}/plan.json)")
+    return plan
+
+
 def train(cfg) -> dict:
     rank, world_size = world()
     validate(cfg, world_size)
     out_dir = cfg.output_dir
     os.makedirs(out_dir, exist_ok=True)
+    check_plan(cfg, world_size, rank)  # before any weights load
     use_ds = cfg.deepspeed.stage > 0
     if use_ds:
         import deepspeed
@@ -152,7 +216,16 @@ def train(cfg) -> dict:
     random.seed(seed)
     torch.manual_seed(seed)
 
-    model, tok = load_from_config(cfg.model)
+    tr = cfg.train
+    grad_accum = int(tr.global_batch) // world_size if tr.get("global_batch") else int(tr.grad_accum)
+    ds_config = deepspeed_config(cfg.deepspeed, tr, grad_accum) if use_ds else None
+    zero3 = use_ds and int(cfg.deepspeed.stage) == 3
+    hf_ds = _partitioned_loading(ds_config) if zero3 else None  # alive until the engine exists (weakref in HF)
+    model, tok = load_from_config(cfg.model)  # under ZeRO-3: built inside zero.Init, each rank its partition
+    if world_size > 1:
+        local, whole = _parameter_storage(model)
+        print(f"rank {rank}: holds {local / whole:.1%} of the model's {whole} parameter elements after loading",
+              flush=True)
     dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     model.to(dev)
     if rank != 0:
@@ -170,30 +243,39 @@ def train(cfg) -> dict:
     _log(rank, f"data: {stats.examples} examples ({len(train_enc)} train, {len(heldout)} held out), "
                f"{stats.truncated} truncated, {stats.dropped_too_long} dropped")
 
-    lazy = _choose_lazy(cfg, model, train_enc, out_dir, rank)
-    hc = HybridConfig(lazy, cfg.lazy.sink_tokens, cfg.lazy.recent_tokens, cfg.lazy.get("backend", "auto"))
-    convert_to_hybrid(model, hc)
     results: dict = {}
-    set_lazy_layers(model, HybridConfig([], hc.sink_tokens, hc.window, hc.backend))
-    _evaluate(cfg, model, tok, heldout, problems, "full, before", rank, results)
-    set_lazy_layers(model, hc)
-    _evaluate(cfg, model, tok, heldout, problems, "hybrid, before", rank, results)
+    # Selection and the evaluation before training run forwards outside the engine: under ZeRO-3 every rank
+    # gathers the whole model for them (give lazy.layers / lazy.from_file and validation.enabled=false to skip
+    # that for a model that does not fit whole on one GPU).
+    with _full_weights(model, zero3 and _needs_forwards(cfg)):
+        lazy = _choose_lazy(cfg, model, train_enc, out_dir, rank)
+        hc = HybridConfig(lazy, cfg.lazy.sink_tokens, cfg.lazy.recent_tokens, cfg.lazy.get("backend", "auto"))
+        convert_to_hybrid(model, hc)
+        set_lazy_layers(model, HybridConfig([], hc.sink_tokens, hc.window, hc.backend))
+        _evaluate(cfg, model, tok, heldout, problems, "full, before", rank, results)
+        set_lazy_layers(model, hc)
+        _evaluate(cfg, model, tok, heldout, problems, "hybrid, before", rank, results)
+        barrier()
 
     model = _wrap_trainable(cfg, model)
     model.train()
-    tr = cfg.train
     lengths = [len(e.input_ids) for e in train_enc]
     rows = plan_rows(lengths, tr.pack_length, seed, int(tr.epochs or 1))
-    per_step = tr.grad_accum * world_size
+    per_step = grad_accum * world_size
     max_steps = int(tr.max_steps) if tr.max_steps else len(rows) // per_step
     if max_steps * per_step > len(rows):  # more steps than one pass: keep cycling through more epochs
         rows = plan_rows(lengths, tr.pack_length, seed, math.ceil(max_steps * per_step / len(rows)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(tr.warmup_ratio * max_steps), max_steps))
-    engine = (DeepSpeedEngine(model, opt, sched, deepspeed_config(cfg.deepspeed, tr, tr.grad_accum)) if use_ds
-              else PlainEngine(model, opt, sched, tr.max_grad_norm, tr.grad_accum))
+    engine = (DeepSpeedEngine(model, opt, sched, ds_config) if use_ds
+              else PlainEngine(model, opt, sched, tr.max_grad_norm, grad_accum))
     model = engine.module
+    if hf_ds is not None:  # later loads (the export's rebuild, evaluation) must not be partitioned again
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        hf_ds = None
 
     ckpt_root = os.path.join(out_dir, "checkpoints")
     start = 0
@@ -215,17 +297,22 @@ def train(cfg) -> dict:
     t_start = time.perf_counter()
     for step in range(start, max_steps):
         t0 = time.perf_counter()
-        mine = [rows[step * per_step + rank * tr.grad_accum + m] for m in range(tr.grad_accum)]
+        mine = [rows[step * per_step + rank * grad_accum + m] for m in range(grad_accum)]
         batches = [collate_packed([[train_enc[i] for i in row]], tok.pad_token_id) for row in mine]
         local_tokens = sum(b.num_target_tokens for b in batches)
         n_global = all_reduce_sum(local_tokens, dev)  # the loss is normalised by target tokens of the step
         loss_sum = 0.0
         norm = None
+        scale = world_size / n_global  # the step's loss: token losses of all ranks / target tokens of the step
         for b in batches:
             b.input_ids, b.labels, b.position_ids = b.input_ids.to(dev), b.labels.to(dev), b.position_ids.to(dev)
-            loss = token_loss_sum(model, b, checkpoint_head=int(cfg.deepspeed.stage) != 3)
-            loss_sum += float(loss.detach())
-            engine.backward(loss * world_size / n_global)
+            if zero3:  # DeepSpeed's tiled loss: the head's backward runs inside, already scaled
+                scaled = token_loss_sum(model, b, zero3_scale=scale)
+                loss_sum += float(scaled.detach()) / scale  # host sync, once per micro-batch
+            else:
+                scaled = token_loss_sum(model, b) * scale
+                loss_sum += float(scaled.detach()) / scale
+            engine.backward(scaled)
             norm = engine.step()
         step_loss = all_reduce_sum(loss_sum, dev) / n_global
         tokens = all_reduce_sum(sum(int(b.input_ids.numel()) for b in batches), dev)

@@ -1,0 +1,574 @@
+"""Memory planner: what one training step needs per GPU (or per CPU process) and per node, before any weight loads.
+
+The model is built from its config on the meta device (no weights, no hub): parameter counts, the largest
+module and the LoRA adapters' sizes are read off it, and the activations one decoder layer saves for backward
+are measured by running that layer on meta tensors with `saved_tensors_hooks`. Meta tensors have no fused
+attention kernel (SDPA would fall back to the T x T math path there), so attention itself is replaced during
+that trace by a stand-in that saves exactly what the real kernel saves (query, key, value, output, log-sum-exp;
+for the chunked streaming SDPA, the blocked queries / keys / values / output and, once, the block mask).
+
+Per device (a GPU, or the process itself on a CPU run) the plan adds:
+- model states, with DeepSpeed's own arithmetic for ZeRO (estimate_zero2/3_model_states_mem_needs: 16-bit
+  params, 18 bytes per trainable parameter of grads / fp32 master / Adam states split over the ranks, 4 bytes per
+  parameter of the largest layer gathered under ZeRO-3), or torch AdamW's for a plain run;
+- DeepSpeed's communication buckets;
+- activations of the packed row (all layers, or the layer inputs plus one recomputed layer with gradient
+  checkpointing) and the backward working set of one layer;
+- the LM head: one chunk of logits (the chunked loss), or all T x vocab logits when not chunked.
+Per node (host): offloaded optimizer states / parameters and the weights each rank loads.
+
+`plan_memory(cfg) -> MemoryPlan`; `python launch/plan.py` prints the table and writes plan.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+GiB = 2**30
+# DeepSpeed's communication buckets, set explicitly in engine.deepspeed_config so plan and engine agree.
+REDUCE_BUCKET = 200_000_000          # elements: gradient reduction (ZeRO-2 / 3)
+ALLGATHER_BUCKET = 200_000_000       # elements: ZeRO-2 parameter all-gather after the step
+PREFETCH_BUCKET = 50_000_000         # elements: ZeRO-3 parameter prefetch
+MAX_LIVE_PARAMETERS = 1_000_000_000  # elements: ZeRO-3 gathered parameters alive at once (a bound, not used)
+HEAD_CHUNK = 1024                    # tokens per LM-head chunk in nll.lm_head_loss_sum
+SDPA_BLOCK = 256                     # query block of the chunked streaming SDPA (attention/sdpa.py)
+ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "vocab_size")
+
+
+@dataclass
+class Hardware:
+    gpus: int = 0                 # GPUs per node; 0: a CPU run (the plan is then for host memory per process)
+    gpu_memory_gb: float = 0.0    # memory of one GPU, GB (10^9 bytes, as vendors state it)
+    nodes: int = 1
+    host_memory_gb: float = 0.0   # per node; 0: not checked
+    processes: int = 1            # CPU runs: processes per node (torchrun --nproc_per_node)
+
+    @property
+    def world(self) -> int:
+        return self.nodes * (self.gpus if self.gpus else self.processes)
+
+    def validate(self) -> None:
+        for name in ("gpus", "nodes", "processes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (name != "gpus" and v < 1):
+                raise ValueError(f"hardware.{name} must be a whole number >= {0 if name == 'gpus' else 1}, got {v!r}")
+        for name in ("gpu_memory_gb", "host_memory_gb"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"hardware.{name} must be a number of GB >= 0, got {v!r}")
+        if self.gpus and not self.gpu_memory_gb:
+            raise ValueError(f"hardware.gpus={self.gpus} needs hardware.gpu_memory_gb (e.g. 80 for an H100 80GB)")
+
+
+@dataclass
+class MemoryPlan:
+    per_gpu: dict[str, int]       # bytes per GPU (or per CPU process), by part
+    host: dict[str, int]          # bytes per node, by part
+    hardware: Hardware
+    settings: dict
+    suggestions: list[str] = field(default_factory=list)
+    deepspeed_estimate: dict | None = None  # DeepSpeed's own model-states estimate, for comparison
+
+    @property
+    def per_gpu_total(self) -> int:
+        return sum(self.per_gpu.values())
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.host.values())
+
+    @property
+    def device_budget(self) -> int:
+        hw = self.hardware
+        if hw.gpus:
+            return int(hw.gpu_memory_gb * 1e9)
+        return int(hw.host_memory_gb * 1e9 / max(hw.processes, 1)) if hw.host_memory_gb else 0
+
+    @property
+    def fits(self) -> bool:
+        hw = self.hardware
+        ok = not self.device_budget or self.per_gpu_total <= self.device_budget
+        if hw.gpus and hw.host_memory_gb:
+            ok = ok and self.host_total <= hw.host_memory_gb * 1e9
+        return ok
+
+    def to_json(self) -> dict:
+        return {"per_gpu_bytes": {"parts": self.per_gpu, "total": self.per_gpu_total},
+                "host_bytes": {"parts": self.host, "total": self.host_total},
+                "fits": self.fits, "suggestions": self.suggestions, "hardware": dataclasses.asdict(self.hardware),
+                "settings": self.settings, "deepspeed_estimate": self.deepspeed_estimate}
+
+    def table(self) -> str:
+        hw, s = self.hardware, self.settings
+        where = (f"{hw.nodes} node(s) x {hw.gpus} GPU(s) of {hw.gpu_memory_gb:g} GB" if hw.gpus
+                 else f"CPU, {hw.processes} process(es)" + (f", {hw.host_memory_gb:g} GB host" if hw.host_memory_gb else ""))
+        lines = [f"memory plan: {s['model']} ({s['params'] / 1e9:.2f}B params, {s['trainable'] / 1e6:.1f}M trainable), "
+                 f"{s['mode']}, ZeRO-{s['zero_stage']}{' + optimizer offload' if s['offload_optimizer'] else ''}"
+                 f"{' + param offload' if s['offload_param'] else ''}, {s['dtype']}, T={s['tokens']}, "
+                 f"{s['lazy_layers']}/{s['layers']} lazy ({s['streaming_backend']}), gradient checkpointing "
+                 f"{'on' if s['gradient_checkpointing'] else 'off'}, on {where}",
+                 f"{'per GPU' if hw.gpus else 'per process'}:"]
+        lines += [f"  {k:<34} {v / GiB:>9.2f} GiB" for k, v in self.per_gpu.items()]
+        budget = self.device_budget
+        verdict = ("" if not budget else
+                   f"  (budget {budget / GiB:.2f} GiB: " + ("fits, " if self.per_gpu_total <= budget else "does NOT fit, ")
+                   + f"{(budget - self.per_gpu_total) / GiB:+.2f} GiB)")
+        lines.append(f"  {'total':<34} {self.per_gpu_total / GiB:>9.2f} GiB{verdict}")
+        if hw.gpus:
+            lines.append("per node (host memory):")
+            lines += [f"  {k:<34} {v / GiB:>9.2f} GiB" for k, v in self.host.items()]
+            hb = hw.host_memory_gb * 1e9
+            hv = "" if not hb else f"  (host {hb / GiB:.0f} GiB: {'fits' if self.host_total <= hb else 'does NOT fit'})"
+            lines.append(f"  {'total':<34} {self.host_total / GiB:>9.2f} GiB{hv}")
+        if self.deepspeed_estimate:
+            d = self.deepspeed_estimate
+            lines.append(f"DeepSpeed's own estimate of the model states: {d['per_gpu'] / GiB:.2f} GiB per GPU, "
+                         f"{d['per_node_host'] / GiB:.2f} GiB host per node")
+        lines.append("verdict: " + ("fits" if self.fits else "does NOT fit"))
+        if self.suggestions:
+            lines.append("changes that would fit (cheapest first):")
+            lines += [f"  {x}" for x in self.suggestions]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model on the meta device
+
+
+def arch_config(mcfg):
+    """A transformers config for a `model` config: its `arch` block (config.json-shaped, shipped in conf/model so
+    planning works offline), the tiny test config, or the checkpoint's own config.json (local or hub)."""
+    from transformers import AutoConfig
+
+    from .models import resolve, tiny_config
+
+    if mcfg.get("name") == "tiny":
+        return tiny_config(mcfg.get("arch", "llama"), int(mcfg.get("num_layers", 4)))
+    arch = mcfg.get("arch")
+    if arch:
+        arch = dict(arch)
+        missing = [f for f in ARCH_FIELDS if arch.get(f) is None]
+        if missing:
+            raise ValueError(f"model.arch of {mcfg.get('name')!r} lacks {missing} (a config.json-shaped block "
+                             f"needs {list(ARCH_FIELDS)})")
+        return AutoConfig.for_model(arch.pop("model_type"), **arch)
+    cfg = AutoConfig.from_pretrained(resolve(mcfg["name"]), revision=mcfg.get("revision"),
+                                     trust_remote_code=bool(mcfg.get("trust_remote_code", False)))
+    text = cfg.get_text_config(decoder=True)
+    missing = [f for f in ARCH_FIELDS[1:] if getattr(text, f, None) is None]
+    if missing:
+        raise ValueError(f"the config of {mcfg['name']!r} lacks {missing}: cannot plan its memory")
+    return cfg
+
+
+def meta_model(config, dtype: torch.dtype):
+    """The model without weights; on a copy of `config`, since the trace switches its attention function."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype, attn_implementation="sdpa")
+
+
+def param_counts(model) -> tuple[int, int]:
+    """(parameters with shared ones counted once, largest number of parameters owned by one module)."""
+    seen = {}
+    for p in model.parameters():
+        seen[id(p)] = p.numel()
+    largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+    return sum(seen.values()), largest
+
+
+def lora_params(model, targets: list[str], r: int) -> int:
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in targets:
+            n += r * (m.in_features + m.out_features)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activations: one decoder layer traced on meta tensors
+
+
+class _SavedLike(torch.autograd.Function):
+    """Returns an empty tensor like `out` and saves `tensors` for backward, as a fused kernel would."""
+
+    @staticmethod
+    def forward(ctx, out, *tensors):
+        ctx.save_for_backward(*tensors)
+        return out.new_empty(out.shape)
+
+    @staticmethod
+    def backward(ctx, g):  # pragma: no cover - never run (meta planning only)
+        return (g,) + (None,) * len(ctx.saved_tensors)
+
+
+def _plan_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention stand-in for the trace: saves what the real kernel saves. Full layers (and streaming layers
+    on flex / flash-attn): q, k, v, out, lse. Chunked streaming SDPA: the blocked queries, keys, values and
+    output, lse, and the whole k and v (the sink gather keeps them); see attention/sdpa.py."""
+    B, Hq, T, D = query.shape
+    Hkv = key.shape[1]
+    spec = getattr(module, "lt_plan", None)  # (sink, window, backend) on lazy layers
+    if spec is None or spec[2] != "sdpa" or spec[1] >= T:
+        lse = query.new_empty(B, Hq, T, dtype=torch.float32)
+        out = _SavedLike.apply(query, query, key, value, lse)
+    else:
+        S, W, _ = spec
+        block = min(SDPA_BLOCK, T)
+        nblk = -(-T // block)
+        L = S + block + W - 1
+        qb = query.new_empty(B * nblk, Hq, block, D)
+        kb = key.new_empty(B * nblk, Hkv, L, D)
+        vb = value.new_empty(B * nblk, Hkv, L, D)
+        ob = query.new_empty(B * nblk, Hq, block, D)  # SDPA keeps its (blocked) output
+        lse = query.new_empty(B * nblk, Hq, block, dtype=torch.float32)
+        sinks = (key, value) if S > 0 else ()  # gathering the sink keys keeps the whole k and v for backward
+        # the block mask is saved too, but it is one tensor shared by all lazy layers: see streaming_mask_bytes
+        out = _SavedLike.apply(query, qb, kb, vb, ob, lse, *sinks)
+        out = out + query * 0  # keep the graph connected to q, k, v
+    return out.transpose(1, 2), None
+
+
+def streaming_mask_bytes(tokens: int, sink: int, window: int, elem_bytes: int) -> int:
+    """The chunked streaming SDPA's additive block mask [nblk, 1, block, S + block + W - 1], built once per shape
+    and kept for backward by every lazy layer (attention/sdpa.py, _MASK_CACHE): counted once per step."""
+    block = min(SDPA_BLOCK, tokens)
+    W = min(window, tokens)
+    return -(-tokens // block) * block * (sink + block + W - 1) * elem_bytes
+
+
+def _register_plan_attention() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("lt_plan", _plan_attention)
+    AttentionMaskInterface.register("lt_plan", sdpa_mask)
+    return "lt_plan"
+
+
+def saved_bytes(fn) -> tuple[int, dict]:
+    """Bytes of the distinct storages autograd saves while `fn` runs, and the storage keys with their sizes."""
+    seen: dict = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen[s._cdata] = max(seen.get(s._cdata, 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values()), seen
+
+
+def layer_activations(model, tokens: int, lazy_spec: tuple | None) -> int:
+    """Bytes one decoder layer saves for backward on a row of `tokens` tokens (batch 1), traced on meta.
+    `lazy_spec` = (sink, window, backend) makes it a streaming layer. Excludes storages shared by all layers
+    (the rotary tables)."""
+    from .nll import decoder_of
+
+    dec = decoder_of(model)
+    layer = dec.layers[0]
+    attn = layer.self_attn
+    attn.lt_plan = lazy_spec
+    dtype = next(model.parameters()).dtype
+    H = model.config.get_text_config(decoder=True).hidden_size
+    x = torch.empty(1, tokens, H, device="meta", dtype=dtype, requires_grad=True)
+    pos = torch.arange(tokens, device="meta")[None]
+    pe = dec.rotary_emb(x, pos)
+    shared = {t.untyped_storage()._cdata for t in pe}
+    configs = {id(c): c for c in (model.config, attn.config, model.config.get_text_config(decoder=True))}
+    before = {k: c._attn_implementation for k, c in configs.items()}
+    name = _register_plan_attention()
+    for c in configs.values():
+        c._attn_implementation = name
+    try:
+        _, seen = saved_bytes(lambda: layer(x, position_embeddings=pe, position_ids=pos, attention_mask=None))
+    finally:
+        attn.lt_plan = None
+        for k, c in configs.items():
+            c._attn_implementation = before[k]
+    # parameters saved by matmuls are weights, not activations
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    return sum(v for k, v in seen.items() if k not in shared and k not in params)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plan
+
+
+def _get(cfg, path: str, default=None):
+    node = cfg
+    for part in path.split("."):
+        if node is None:
+            return default
+        node = node.get(part) if hasattr(node, "get") else getattr(node, part, None)
+    return default if node is None else node
+
+
+def hardware_from_config(cfg) -> Hardware:
+    h = _get(cfg, "hardware", {}) or {}
+
+    def val(key, kind, default):
+        v = h.get(key)
+        if v is None:
+            return default
+        if isinstance(v, bool) or (kind is int and isinstance(v, float) and not v.is_integer()):
+            raise ValueError(f"hardware.{key} must be a whole number, got {v!r}")
+        return kind(v)
+
+    try:
+        hw = Hardware(gpus=val("gpus", int, 0), gpu_memory_gb=val("gpu_memory_gb", float, 0.0),
+                      nodes=val("nodes", int, 1), host_memory_gb=val("host_memory_gb", float, 0.0),
+                      processes=val("processes", int, 1))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"hardware settings must be numbers: {dict(h)} ({e})") from None
+    hw.validate()
+    return hw
+
+
+def resolve_hardware(cfg, world_size: int | None = None) -> Hardware:
+    """The `hardware` group with its nulls filled from this machine. Naming GPUs (hardware.gpus) plans for that
+    machine instead: the host memory is then only checked when hardware.host_memory_gb is given."""
+    from .distributed import world
+
+    h = dict(_get(cfg, "hardware", {}) or {})
+    ws = world_size if world_size is not None else world()[1]
+    if h.get("gpus") is None:
+        det = detect_hardware(ws)
+        h.setdefault("gpus", None)
+        h["gpus"] = det.gpus
+        for k in ("gpu_memory_gb", "host_memory_gb"):
+            if h.get(k) is None:
+                h[k] = getattr(det, k)
+    if h.get("processes") is None:
+        h["processes"] = ws if not h.get("gpus") else 1
+    return hardware_from_config({"hardware": h})
+
+
+def detect_hardware(world_size: int = 1) -> Hardware:
+    """The hardware this process sees: its GPUs (or CPU processes) and the node's memory."""
+    host = 0.0
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
+        host = kb * 1024 / 1e9
+    except (OSError, StopIteration, ValueError):
+        pass
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        mem = torch.cuda.get_device_properties(0).total_memory / 1e9
+        return Hardware(gpus=min(n, world_size) if world_size > 1 else 1, gpu_memory_gb=mem, host_memory_gb=host)
+    return Hardware(gpus=0, host_memory_gb=host, processes=max(world_size, 1))
+
+
+def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> MemoryPlan:
+    """The memory plan of the training run `cfg` (a launch/train.py config) on `hardware` (default: the
+    config's `hardware` group)."""
+    hw = hardware or hardware_from_config(cfg)
+    hw.validate()
+    mcfg, tr, ds, lz = cfg["model"], cfg["train"], cfg["deepspeed"], cfg["lazy"]
+    mode = tr["mode"]
+    stage = int(ds.get("stage", 0))
+    off_opt, off_par = bool(ds.get("offload_optimizer")), bool(ds.get("offload_param"))
+    bf16 = bool(tr.get("bf16"))
+    gc = bool(tr.get("gradient_checkpointing"))
+    T = int(tr["pack_length"])
+    if T < 1:
+        raise ValueError(f"train.pack_length must be >= 1, got {T}")
+    world = hw.world
+    if stage == 0 and world > 1:
+        raise ValueError(f"{world} processes need DeepSpeed (deepspeed=zero2 or zero3)")
+    mdtype = str(mcfg.get("dtype", "float32"))
+    pb = 2 if (bf16 or mdtype in ("bfloat16", "float16", "auto")) else 4  # bytes per weight / activation element
+    dtype = torch.bfloat16 if pb == 2 else torch.float32
+
+    config = arch_config(mcfg)
+    text = config.get_text_config(decoder=True)
+    L = int(text.num_hidden_layers)
+    model = meta_model(config, dtype)
+    N, largest = param_counts(model)
+    lora = _get(tr, "lora", {}) or {}
+    Nt = N if mode == "full" else lora_params(model, list(lora.get("target_modules", [])), int(lora.get("r", 16)))
+    if mode == "lora" and Nt == 0:
+        raise ValueError(f"train.lora.target_modules {list(lora.get('target_modules', []))} match no linear layer")
+
+    # streaming layers and their backend as the trainer will run them
+    from .lazy import resolve_num_lazy
+
+    explicit = lz.get("layers")
+    n_lazy = len(explicit) if explicit is not None else resolve_num_lazy(lz.get("num_lazy", 0.5), L)
+    backend = lz.get("backend", "auto") or "auto"
+    if backend == "auto":
+        backend = "flex" if hw.gpus else "sdpa"  # packed rows on GPU: flex (flash_attn if installed saves the same)
+    S, W = int(lz.get("sink_tokens", 4)), int(lz.get("recent_tokens", 1020))
+
+    if mode == "lora":
+        model = _meta_lora(model, lora)
+    a_full = layer_activations(model, T, None)
+    a_lazy = layer_activations(model, T, (S, W, backend)) if n_lazy else 0
+    H, V = int(text.hidden_size), int(text.vocab_size)
+
+    # ---- model states (per device)
+    parts: dict[str, int] = {}
+    host: dict[str, int] = {}
+    gpus_per_node = hw.gpus if hw.gpus else hw.processes
+    if stage == 0:
+        parts["parameters"] = N * pb
+        parts["gradients"] = Nt * pb
+        parts["optimizer states (AdamW)"] = 2 * Nt * pb
+    else:
+        # DeepSpeed's arithmetic (estimate_zero2/3_model_states_mem_needs): in bf16, 2 bytes per parameter of
+        # 16-bit weights, then per trainable parameter 4 of fp32 master weights, 8 of Adam moments and the gradients:
+        # 6 (16-bit + fp32 partitions) under ZeRO-2, 4 under ZeRO-3, so 18 per parameter in all for both. In fp32
+        # (CPU runs) the weights are 4 bytes, gradients 4, and DeepSpeed still keeps a fp32 copy of its partition.
+        mixed = pb == 2
+        p16, master, states = (2 if mixed else 4), 4, 8
+        g16, g32 = (2, (4 if stage == 2 else 2)) if mixed else (0, 4)
+        if stage == 2:
+            parts["parameters"] = N * p16
+        else:
+            parts["parameters (partition)"] = 0 if off_par else -(-N * p16 // world)
+            # the largest module gathered with its gradient (DeepSpeed's 4 bytes x largest layer in bf16)
+            parts["gathered layer (ZeRO-3)"] = largest * (p16 + (g16 or 4))
+            if off_par:
+                host["parameters (offloaded)"] = -(-N * p16 // world) * gpus_per_node
+        opt = -(-Nt * (master + states) // world)
+        grads = -(-Nt * (g16 + g32) // world)
+        if off_opt:
+            parts["gradients (partition)"] = -(-Nt * g16 // world) if mixed else 0
+            host["optimizer states + fp32 grads (offloaded)"] = (
+                -(-Nt * (master + states + g32) // world) * gpus_per_node)
+        else:
+            parts["gradients (partition)"] = grads
+            parts["optimizer states (partition)"] = opt
+        bucket_elems = min(REDUCE_BUCKET, Nt) if not hw.gpus else REDUCE_BUCKET
+        parts["DeepSpeed buckets"] = bucket_elems * (2 if mixed else 4) + (
+            min(PREFETCH_BUCKET, N) * p16 if stage == 3 else 0)
+
+    # ---- activations (per device, one packed row of T tokens)
+    n_full = L - n_lazy
+    layer_in = T * H * pb  # a decoder layer's input, what gradient checkpointing keeps
+    if gc:
+        parts["activations (checkpointed inputs)"] = L * layer_in
+        parts["activations (one layer recomputed)"] = max(a_full, a_lazy)
+    else:
+        parts["activations (all layers)"] = n_full * a_full + n_lazy * a_lazy
+    parts["backward working set (one layer)"] = max(a_full, a_lazy)
+    if n_lazy and backend == "sdpa" and W < T:
+        parts["streaming block mask (shared)"] = streaming_mask_bytes(T, S, W, pb)
+    # one chunk of logits at a time (nll.lm_head_loss_sum; DeepSpeed's tiled loss under ZeRO-3): the logits in the
+    # model dtype, their fp32 copy and its gradient
+    parts["LM head logits (one chunk)"] = min(HEAD_CHUNK, T) * V * (pb + 4 + 4)
+    parts["hidden states + their gradient"] = 3 * T * H * 4
+
+    # ---- host per node: what each rank's loading holds at its peak
+    if hw.gpus:
+        partitioned = stage == 3  # zero.Init: each rank materialises only its partition
+        host["model loading (all ranks, peak)"] = (-(-N * pb // world) * gpus_per_node if partitioned
+                                                    else N * pb * gpus_per_node)
+
+    settings = {"model": str(mcfg.get("name")), "params": N, "trainable": Nt, "largest_layer_params": largest,
+                "mode": mode, "zero_stage": stage, "offload_optimizer": off_opt, "offload_param": off_par,
+                "dtype": "bf16" if pb == 2 else "fp32", "tokens": T, "layers": L, "lazy_layers": n_lazy,
+                "streaming_backend": backend, "sink_tokens": S, "window": W, "gradient_checkpointing": gc,
+                "world_size": world, "layer_activation_bytes": {"full": a_full, "lazy": a_lazy}}
+    plan = MemoryPlan(parts, host, hw, settings, deepspeed_estimate=_deepspeed_estimate(
+        N, largest, stage, off_opt, off_par, hw) if mode == "full" and stage and bf16 else None)
+    if suggest and not plan.fits:
+        plan.suggestions = _suggestions(cfg, hw)
+    return plan
+
+
+def _meta_lora(model, lora: dict):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=int(lora.get("r", 16)), lora_alpha=int(lora.get("alpha", 32)),
+                                            lora_dropout=float(lora.get("dropout", 0.0)),
+                                            target_modules=list(lora.get("target_modules", [])),
+                                            task_type="CAUSAL_LM"))
+
+
+def _deepspeed_estimate(N: int, largest: int, stage: int, off_opt: bool, off_par: bool, hw: Hardware) -> dict:
+    """DeepSpeed's estimate_zero2/3_model_states_mem_needs (runtime/zero/stage3.py, stage_1_and_2.py),
+    re-stated so that planning does not import DeepSpeed; zero_init=True and additional_buffer_factor=1.5."""
+    gpus = hw.world
+    per_node = hw.gpus or hw.processes
+    if stage == 3:
+        lay = 4 * largest
+        if off_opt and off_par:
+            gpu, cpu = lay, N * 18 / hw.nodes * 1.5
+        elif off_opt:
+            gpu, cpu = lay + 2 * N / gpus, N * 16 / hw.nodes * 1.5
+        else:
+            gpu, cpu = lay + 18 * N / gpus, largest * 4 * per_node * 1.5
+    else:
+        if off_opt:
+            gpu, cpu = 2 * N, N * max(4 * gpus, 16) * 1.5
+        else:
+            gpu, cpu = 2 * N + 18 * N / gpus, N * 4 * per_node * 1.5
+    return {"per_gpu": int(gpu), "per_node_host": int(cpu)}
+
+
+def _suggestions(cfg, hw: Hardware) -> list[str]:
+    """Overrides that make the plan fit, cheapest first (each tried on its own, then a few combinations)."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if OmegaConf.is_config(cfg) else \
+        OmegaConf.create(cfg)
+    T = int(base.train.pack_length)
+    stage = int(base.deepspeed.get("stage", 0))
+    candidates: list[tuple[str, dict]] = []
+    if not base.train.get("gradient_checkpointing"):
+        candidates.append(("train.gradient_checkpointing=true", {"train.gradient_checkpointing": True}))
+    if stage and stage < 3:
+        candidates.append(("deepspeed=zero3", {"deepspeed.stage": 3}))
+    if stage and not base.deepspeed.get("offload_optimizer"):
+        candidates.append(("deepspeed.offload_optimizer=true", {"deepspeed.offload_optimizer": True}))
+    if stage == 3 and not base.deepspeed.get("offload_param"):
+        candidates.append(("deepspeed=zero3_offload (optimizer and parameters on the host)",
+                           {"deepspeed.offload_optimizer": True, "deepspeed.offload_param": True}))
+    if base.train.mode == "full":
+        candidates.append(("train=lora", {"train.mode": "lora", "train.lora": {
+            "r": 16, "alpha": 32, "dropout": 0.05,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}}))
+    for frac in (2, 4):
+        if T // frac >= 1024:
+            candidates.append((f"train.pack_length={T // frac}", {"train.pack_length": T // frac}))
+    if hw.gpus:
+        for more in (2, 4):
+            candidates.append((f"hardware.nodes={hw.nodes * more} ({hw.world * more} GPUs)",
+                               {"hardware": dataclasses.replace(hw, nodes=hw.nodes * more)}))
+    out = []
+    singles = [c for c in candidates]
+    tried = singles + [(f"{a} + {b}", {**da, **db}) for i, (a, da) in enumerate(singles) for (b, db) in singles[i + 1:]
+                       if not ("hardware" in da and "hardware" in db)]
+    for label, overrides in tried:
+        c = OmegaConf.create(OmegaConf.to_container(base))
+        for k, v in overrides.items():
+            if k != "hardware":
+                OmegaConf.update(c, k, v, force_add=True)
+        try:
+            p = plan_memory(c, overrides.get("hardware", hw), suggest=False)
+        except (ValueError, ImportError):
+            continue
+        if p.fits:
+            out.append(f"{label}: {p.per_gpu_total / GiB:.1f} GiB per {'GPU' if hw.gpus else 'process'}")
+        if len(out) >= 6:
+            break
+    return out
+
+
+def write_plan(plan: MemoryPlan, out_dir: str) -> str:
+    from .io import atomic_write_json
+
+    path = os.path.join(out_dir, "plan.json")
+    atomic_write_json(path, plan.to_json())
+    return path

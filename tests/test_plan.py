@@ -1,0 +1,147 @@
+"""The memory planner (lt_train/plan.py, launch/plan.py) and the trainer's refusal of runs that do not fit."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lt_train import plan as planner
+from lt_train.plan import Hardware, plan_memory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONF = os.path.join(ROOT, "conf")
+H100x8 = Hardware(gpus=8, gpu_memory_gb=80)
+
+
+def _cfg(overrides, name="plan"):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+def _qwen2_params(H, I, L, Hq, Hkv, V, D=None, tied=False):
+    """Parameter count of a Qwen2 decoder written out from its architecture (q/k/v biases, no o bias)."""
+    D = D or H // Hq
+    attn = H * Hq * D + Hq * D + 2 * (H * Hkv * D + Hkv * D) + Hq * D * H
+    layer = attn + 3 * H * I + 2 * H
+    return V * H + L * layer + H + (0 if tied else V * H)
+
+
+def test_qwq_32b_model_states_are_deepspeeds_own_arithmetic():
+    p = plan_memory(_cfg(["+experiment=qwq_still", "deepspeed=zero3"]), H100x8)
+    N = _qwen2_params(5120, 27648, 64, 40, 8, 152064)
+    assert p.settings["params"] == N and p.settings["largest_layer_params"] == 152064 * 5120
+    states = sum(v for k, v in p.per_gpu.items() if k.startswith(("parameters", "gathered", "gradients", "optimizer")))
+    # DeepSpeed, estimate_zero3_model_states_mem_needs without offload: 18 bytes x N / GPUs + 4 x largest layer
+    assert states == pytest.approx(18 * N / 8 + 4 * 152064 * 5120, rel=1e-6)
+    assert p.deepspeed_estimate["per_gpu"] == pytest.approx(states, rel=1e-6)
+    # 20k tokens, checkpointed: 64 layer inputs of 20000 x 5120 bf16 values
+    assert p.per_gpu["activations (checkpointed inputs)"] == 64 * 20000 * 5120 * 2
+    assert not p.fits and p.per_gpu_total > 80e9
+    assert any(s.startswith("deepspeed.offload_optimizer=true") for s in p.suggestions)
+    text = p.table()
+    assert "does NOT fit" in text and "optimizer states (partition)" in text
+
+
+@pytest.mark.parametrize("experiment", ["qwq_still", "qwen25_32b_still"])
+def test_shipped_32b_recipes_fit_on_8_gpus_of_80_gb(experiment):
+    p = plan_memory(_cfg([f"+experiment={experiment}"]), H100x8)
+    assert p.fits, p.table()
+    assert p.settings["offload_optimizer"] and p.host["optimizer states + fp32 grads (offloaded)"] > 0
+
+
+def _real_saved_bytes(layer, x, pe, pos):
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, position_embeddings=pe, position_ids=pos, attention_mask=None)
+    skip = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {t.untyped_storage().data_ptr() for t in pe}
+    return sum(v for k, v in seen.items() if k not in skip)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_traced_layer_activations_equal_what_a_real_cpu_layer_saves(arch):
+    """The meta-device trace (with the fused-attention stand-in) against the storages a real CPU layer saves."""
+    from lt_train import HybridConfig, convert_to_hybrid
+
+    config = AutoConfig.for_model(arch, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    T = 700
+    for lazy in (None, (4, 64, "sdpa")):
+        meta = planner.meta_model(config, torch.float32)
+        planned = planner.layer_activations(meta, T, lazy)
+        if lazy:  # plus the block mask, one tensor for all lazy layers, which plan_memory adds once per step
+            planned += planner.streaming_mask_bytes(T, lazy[0], lazy[1], 4)
+        torch.manual_seed(0)
+        real = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
+        if lazy:
+            convert_to_hybrid(real, HybridConfig([0], lazy[0], lazy[1], backend="sdpa"))
+        x = torch.randn(1, T, 128, requires_grad=True)
+        pos = torch.arange(T)[None]
+        pe = real.model.rotary_emb(x, pos)
+        measured = _real_saved_bytes(real.model.layers[0], x, pe, pos)
+        assert planned == pytest.approx(measured, rel=0.05), (lazy, planned, measured)
+
+
+@pytest.mark.parametrize("hw,message", [
+    ({"gpus": -1}, "hardware.gpus must be a whole number"),
+    ({"gpus": 8}, "needs hardware.gpu_memory_gb"),
+    ({"gpus": 8, "gpu_memory_gb": "lots"}, "hardware settings must be numbers"),
+    ({"nodes": 0}, "hardware.nodes must be a whole number >= 1"),
+])
+def test_bad_hardware_values_are_named(hw, message):
+    with pytest.raises(ValueError, match=message):
+        planner.hardware_from_config({"hardware": hw})
+
+
+def test_a_model_config_without_the_needed_fields_is_named():
+    cfg = _cfg(["model=smollm2-135m", "~model.arch.vocab_size"])
+    with pytest.raises(ValueError, match=r"lacks \['vocab_size'\]"):
+        plan_memory(cfg, Hardware(gpus=0, processes=1))
+
+
+def test_global_batch_must_divide_over_the_processes():
+    from lt_train.train.config import validate
+
+    cfg = _cfg(["model=tiny", "train.global_batch=3", "deepspeed=zero2"], name="train")
+    with pytest.raises(ValueError, match="train.global_batch=3 must be a positive multiple of the 2 processes"):
+        validate(cfg, 2)
+    validate(_cfg(["model=tiny", "train.global_batch=4", "deepspeed=zero2"], name="train"), 2)
+
+
+def test_trainer_refuses_a_run_that_does_not_fit_before_loading_weights(tmp_path, monkeypatch):
+    from lt_train.train import loop
+
+    def no_loading(*a, **k):
+        raise AssertionError("weights were loaded before the plan refused the run")
+
+    monkeypatch.setattr(loop, "load_from_config", no_loading)
+    cfg = _cfg(["model=tiny", "hardware.host_memory_gb=0.001", f"output_dir={tmp_path}",
+                f"cache_dir={tmp_path}/cache"], name="train")
+    with pytest.raises(RuntimeError, match="(?s)does NOT fit.*train.ignore_plan=true"):
+        loop.train(cfg)
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["fits"] is False and saved["per_gpu_bytes"]["total"] == sum(saved["per_gpu_bytes"]["parts"].values())
+    # ignore_plan lets it through to loading
+    cfg = _cfg(["model=tiny", "hardware.host_memory_gb=0.001", "train.ignore_plan=true", f"output_dir={tmp_path}",
+                f"cache_dir={tmp_path}/cache"], name="train")
+    with pytest.raises(AssertionError, match="weights were loaded"):
+        loop.train(cfg)
+
+
+def test_plan_command_writes_plan_json(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plan.py"), "+experiment=qwq_still",
+                          "hardware.gpus=8", "hardware.gpu_memory_gb=141", f"output_dir={tmp_path}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads((tmp_path / "plan.json").read_text())
+    assert set(data) >= {"per_gpu_bytes", "host_bytes", "fits", "suggestions"}
+    assert data["fits"] is True and data["per_gpu_bytes"]["total"] < 141e9
+    assert "verdict: fits" in out.stdout
