@@ -124,6 +124,23 @@ def measure(args, engine: str, mode: str, gc: bool, T: int) -> dict:
             "ratio": planned / measured, "parts": plan.per_gpu}
 
 
+def replan(args) -> None:
+    """The table for measurements taken earlier (each config's measured peak), planned by the current code."""
+    from hydra import compose, initialize_config_dir
+
+    from lt_train.plan import Hardware, plan_memory
+
+    rows = [r for path in args.replan for r in json.load(open(path)) if "measured" in r]
+    print("| engine | mode | checkpointing | T | planned MiB | measured MiB | planned / measured |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=overrides(args.model, r["engine"], r["mode"], r["gc"], r["T"]))
+        planned = plan_memory(cfg, Hardware(gpus=0, processes=ENGINES[r["engine"]][1]), suggest=False).per_gpu_total
+        print(f"| {r['engine']} | {r['mode']} | {'on' if r['gc'] else 'off'} | {r['T']} | {planned / 2**20:.0f} | "
+              f"{r['measured'] / 2**20:.0f} | {planned / r['measured']:.2f} |")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         return worker(sys.argv[2:])
@@ -132,19 +149,27 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--only", default="plain,zero2,zero3")
     ap.add_argument("--modes", default="lora,full")
+    ap.add_argument("--checkpointing", default="off,on")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--replan", nargs="+", default=None,
+                    help="JSON files of earlier runs: keep their measurements, plan them again with this planner")
     args = ap.parse_args()
+    if args.replan:
+        return replan(args)
     rows = []
     print("| engine | mode | checkpointing | T | planned MiB | measured MiB | planned / measured |")
     print("|---|---|---|---:|---:|---:|---:|")
     for engine in args.only.split(","):
         for mode in args.modes.split(","):
-            for gc in (False, True):
+            for gc in [c == "on" for c in args.checkpointing.split(",")]:
                 if engine == "zero3" and mode == "lora" and gc:
                     continue  # refused on CPU by the trainer (train/config.py)
                 for T in args.lengths:
                     r = measure(args, engine, mode, gc, T)
                     rows.append(r)
+                    if args.json:
+                        with open(args.json, "w") as f:
+                            json.dump(rows, f, indent=1)
                     if "error" in r:
                         print(f"| {engine} | {mode} | {'on' if gc else 'off'} | {T} | error | {r['error'][-300:]!r} | |",
                               flush=True)

@@ -35,6 +35,7 @@ ALLGATHER_BUCKET = 200_000_000       # elements: ZeRO-2 parameter all-gather aft
 PREFETCH_BUCKET = 50_000_000         # elements: ZeRO-3 parameter prefetch
 MAX_LIVE_PARAMETERS = 1_000_000_000  # elements: ZeRO-3 gathered parameters alive at once (a bound, not used)
 HEAD_CHUNK = 1024                    # tokens per LM-head chunk in nll.lm_head_loss_sum
+BACKWARD_WORKSET = 0.6               # a layer's backward working set, as a fraction of what it saved (measured)
 SDPA_BLOCK = 256                     # query block of the chunked streaming SDPA (attention/sdpa.py)
 ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "vocab_size")
@@ -444,8 +445,8 @@ def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> 
         grads = -(-Nt * (g16 + g32) // world)
         if off_opt:
             parts["gradients (partition)"] = -(-Nt * g16 // world) if mixed else 0
-            host["optimizer states + fp32 grads (offloaded)"] = (
-                -(-Nt * (master + states + g32) // world) * gpus_per_node)
+            host["optimizer states + fp32 grads (offloaded)"] = (  # fp32 gradients on the host: 4 bytes
+                -(-Nt * (master + states + 4) // world) * gpus_per_node)
         else:
             parts["gradients (partition)"] = grads
             parts["optimizer states (partition)"] = opt
@@ -453,21 +454,39 @@ def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> 
         parts["DeepSpeed buckets"] = bucket_elems * (2 if mixed else 4) + (
             min(PREFETCH_BUCKET, N) * p16 if stage == 3 else 0)
 
-    # ---- activations (per device, one packed row of T tokens)
+    # ---- activations (per device, one packed row of T tokens), at the peak of the step
+    # Backward walks down the layers: each layer's activations (or checkpointed input) are freed as its
+    # gradients appear, so what is held is the larger of the two, plus the layer in hand: recomputed (with
+    # checkpointing) and its working set (gradients of its intermediates: BACKWARD_WORKSET of what it saved,
+    # measured 0.51-0.56 on an H200 for a Qwen2-1.5B shape). Under ZeRO the gradient partitions are allocated
+    # up front (counted above); torch allocates .grad during backward.
     n_full = L - n_lazy
     layer_in = T * H * pb  # a decoder layer's input, what gradient checkpointing keeps
+    a_max = max(a_full, a_lazy)
+    held = L * layer_in if gc else n_full * a_full + n_lazy * a_lazy
+    parts["activations (checkpointed inputs)" if gc else "activations (all layers)"] = held
+    if stage == 0:
+        grads = parts.pop("gradients")
+        parts["gradients (beyond the activations freed by then)"] = max(0, grads - held)
     if gc:
-        parts["activations (checkpointed inputs)"] = L * layer_in
-        parts["activations (one layer recomputed)"] = max(a_full, a_lazy)
+        parts["activations (one layer recomputed)"] = a_max
+    layer_phase = int(BACKWARD_WORKSET * a_max)
+    # the LM head (before the layers' backward): one chunk of logits in the model dtype, their fp32 copy and
+    # its gradient (nll.lm_head_loss_sum; DeepSpeed's tiled loss under ZeRO-3), plus the hidden states' gradient
+    head_phase = min(HEAD_CHUNK, T) * V * (pb + 4 + 4) + 3 * T * H * 4 - (a_max if gc else 0)
+    if head_phase > layer_phase:
+        parts["LM head chunk (the step's peak)"] = head_phase
     else:
-        parts["activations (all layers)"] = n_full * a_full + n_lazy * a_lazy
-    parts["backward working set (one layer)"] = max(a_full, a_lazy)
+        parts["backward working set (one layer)"] = layer_phase
     if n_lazy and backend == "sdpa" and W < T:
         parts["streaming block mask (shared)"] = streaming_mask_bytes(T, S, W, pb)
-    # one chunk of logits at a time (nll.lm_head_loss_sum; DeepSpeed's tiled loss under ZeRO-3): the logits in the
-    # model dtype, their fp32 copy and its gradient
-    parts["LM head logits (one chunk)"] = min(HEAD_CHUNK, T) * V * (pb + 4 + 4)
-    parts["hidden states + their gradient"] = 3 * T * H * 4
+    if stage == 0:  # torch AdamW's step: all gradients plus foreach temporaries of the trainable size
+        static = ("parameters", "optimizer states (AdamW)")
+        step_phase = grads + Nt * pb
+        if step_phase > sum(v for k, v in parts.items() if k not in static):
+            parts = {k: parts[k] for k in static}
+            parts["gradients"] = grads
+            parts["optimizer step temporaries (the step's peak)"] = Nt * pb
 
     # ---- host per node: what each rank's loading holds at its peak
     if hw.gpus:
@@ -535,6 +554,9 @@ def _suggestions(cfg, hw: Hardware) -> list[str]:
     if stage == 3 and not base.deepspeed.get("offload_param"):
         candidates.append(("deepspeed=zero3_offload (optimizer and parameters on the host)",
                            {"deepspeed.offload_optimizer": True, "deepspeed.offload_param": True}))
+    if base.train.mode == "lora" and float(base.train.get("lora", {}).get("dropout", 0) or 0) > 0:
+        # LoRA dropout keeps a dropped-out copy of every adapted projection's input for backward
+        candidates.append(("train.lora.dropout=0", {"train.lora.dropout": 0.0}))
     if base.train.mode == "full":
         candidates.append(("train=lora", {"train.mode": "lora", "train.lora": {
             "r": 16, "alpha": 32, "dropout": 0.05,
@@ -550,7 +572,11 @@ def _suggestions(cfg, hw: Hardware) -> list[str]:
     singles = [c for c in candidates]
     tried = singles + [(f"{a} + {b}", {**da, **db}) for i, (a, da) in enumerate(singles) for (b, db) in singles[i + 1:]
                        if not ("hardware" in da and "hardware" in db)]
+    seen_overrides = []
     for label, overrides in tried:
+        if overrides in seen_overrides:  # e.g. offload_optimizer + zero3_offload is zero3_offload
+            continue
+        seen_overrides.append(overrides)
         c = OmegaConf.create(OmegaConf.to_container(base))
         for k, v in overrides.items():
             if k != "hardware":
