@@ -5,7 +5,8 @@
 For each engine (one plain process; ZeRO-2 and ZeRO-3 under `torchrun --nproc_per_node=2`, gloo), LoRA and full
 fine-tuning, gradient checkpointing off and on, and each length, a fresh process group runs what the trainer runs
 (the model loaded as launch/train.py loads it, partitioned by zero.Init under ZeRO-3; half the layers lazy; LoRA
-or full; the engine; one step of the chunked loss on one packed row of T tokens) while a thread samples the
+or full; the engine; two steps of the chunked loss on one packed row of T tokens, the second one measured: the
+first allocates the optimizer states) while a thread samples the
 resident memory every 2 ms (with MALLOC_MMAP_THRESHOLD_=65536, so that freed tensors leave the resident set
 as they leave a GPU's allocated memory). Measured = peak RSS of each rank minus its RSS after the libraries were imported and
 the process group started (the largest rank is reported); planned = `lt_train.plan.plan_memory` for the same
@@ -86,10 +87,22 @@ def worker(argv: list[str]) -> None:
     ids = torch.randint(100, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(rank))
     batch = Batch(ids, ids.clone(), torch.arange(T)[None], None)
     scale = world_size / T
-    loss = loop.token_loss_sum(engine.module, batch, zero3_scale=scale) if stage == 3 else \
-        loop.token_loss_sum(engine.module, batch) * scale
-    engine.backward(loss)
-    engine.step()
+
+    def step():
+        if os.environ.get("PVM_WHOLE_HEAD"):  # the comparison: a loss over all T x vocab logits at once
+            logits = engine.module(input_ids=ids, position_ids=batch.position_ids).logits
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum") * scale
+        elif stage == 3:
+            loss = loop.token_loss_sum(engine.module, batch, zero3_scale=scale)
+        else:
+            loss = loop.token_loss_sum(engine.module, batch) * scale
+        engine.backward(loss)
+        engine.step()
+        return loss
+
+    step()  # the first step allocates the optimizer states; the plan is for the steady state: measure the second
+    peak[0] = _rss()
+    loss = step()
     done.set()
     t.join()
     print("PLANVSMEASURED " + json.dumps({"rank": rank, "measured": peak[0] - base, "loss": float(loss)}), flush=True)
@@ -150,10 +163,14 @@ def main() -> None:
     ap.add_argument("--only", default="plain,zero2,zero3")
     ap.add_argument("--modes", default="lora,full")
     ap.add_argument("--checkpointing", default="off,on")
+    ap.add_argument("--whole-head", action="store_true",
+                    help="measure with full T x vocab logits instead of the chunked / tiled loss (no plan)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--replan", nargs="+", default=None,
                     help="JSON files of earlier runs: keep their measurements, plan them again with this planner")
     args = ap.parse_args()
+    if args.whole_head:
+        os.environ["PVM_WHOLE_HEAD"] = "1"
     if args.replan:
         return replan(args)
     rows = []
