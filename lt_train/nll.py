@@ -48,7 +48,17 @@ def zero3_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, scale
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ys.reshape(-1), ignore_index=-100,
                                reduction="sum") * scale
 
-    return TiledFusedLogitsLoss.apply(fn, head, x, y, None, shards, [head.weight], "sum")
+    w = head.weight
+    if w is not model.get_input_embeddings().weight:
+        return TiledFusedLogitsLoss.apply(fn, head, x, y, None, shards, [w], "sum")
+    # Tied embeddings: the weight's gradient is complete only after the embedding's backward, so ZeRO-3 must not
+    # reduce it when the tiled loss finishes (it would reduce the same parameter twice): hold it back here and let
+    # the main backward's embedding gradient release it.
+    w.ds_grad_is_ready = False
+    try:
+        return TiledFusedLogitsLoss.apply(fn, head, x, y, None, shards, [], "sum")
+    finally:
+        w.ds_grad_is_ready = True
 
 
 @torch.no_grad()

@@ -44,18 +44,19 @@ def test_zero3_cpu_offload_with_bf16(tmp_path):
     assert load_hybrid(str(tmp_path / "model")).config.lt_hybrid["lazy_layers"] == [1, 3]
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_zero3_loads_partitioned_and_its_tiled_loss_equals_the_plain_engine(tmp_path, monkeypatch, mode):
+@pytest.mark.parametrize("mode,tied", [("full", False), ("lora", False), ("full", True)])
+def test_zero3_loads_partitioned_and_its_tiled_loss_equals_the_plain_engine(tmp_path, monkeypatch, mode, tied):
     """Two ZeRO-3 processes (the model built inside zero.Init from a saved checkpoint, the LM head through
     DeepSpeed's tiled loss) against one plain process with the same rows per step: equal per-step losses and
-    gradient norms, and each rank holds half of the model after loading."""
+    gradient norms, and each rank holds half of the model after loading. `tied`: the head shares the input
+    embedding's weight (SmolLM2, Qwen2.5-1.5B), whose gradient comes from both ends of the model."""
     import re
 
     import train_helpers
     from lt_train.models import tiny_model, tiny_tokenizer
 
     ckpt = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(ckpt)
+    tiny_model("llama", tie_word_embeddings=tied).save_pretrained(ckpt)
     tiny_tokenizer().save_pretrained(ckpt)
     monkeypatch.setattr(train_helpers, "TINY", [a for a in train_helpers.TINY if not a.startswith("model=")]
                         + [f"model={ckpt}"])
