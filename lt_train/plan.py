@@ -33,7 +33,6 @@ GiB = 2**30
 REDUCE_BUCKET = 200_000_000          # elements: gradient reduction (ZeRO-2 / 3)
 ALLGATHER_BUCKET = 200_000_000       # elements: ZeRO-2 parameter all-gather after the step
 PREFETCH_BUCKET = 50_000_000         # elements: ZeRO-3 parameter prefetch
-MAX_LIVE_PARAMETERS = 1_000_000_000  # elements: ZeRO-3 gathered parameters alive at once (a bound, not used)
 HEAD_CHUNK = 1024                    # tokens per LM-head chunk in nll.lm_head_loss_sum
 BACKWARD_WORKSET = 0.6               # a layer's backward working set, as a fraction of what it saved (measured)
 SDPA_BLOCK = 256                     # query block of the chunked streaming SDPA (attention/sdpa.py)
