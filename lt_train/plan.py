@@ -12,9 +12,10 @@ Per device (a GPU, or the process itself on a CPU run) the plan adds:
   params, 18 bytes per trainable parameter of grads / fp32 master / Adam states split over the ranks, 4 bytes per
   parameter of the largest layer gathered under ZeRO-3), or torch AdamW's for a plain run;
 - DeepSpeed's communication buckets;
-- activations of the packed row (all layers, or the layer inputs plus one recomputed layer with gradient
-  checkpointing) and the backward working set of one layer;
-- the LM head: one chunk of logits (the chunked loss), or all T x vocab logits when not chunked.
+- at the step's peak, the larger of: the backward phase (all activations, or the layer inputs plus one
+  recomputed layer with gradient checkpointing, or the gradients that replace them, plus one layer's working
+  set), the LM-head phase (one chunk of logits: the loss is always chunked or tiled) and, for torch AdamW, the
+  optimizer step.
 Per node (host): offloaded optimizer states / parameters and the weights each rank loads.
 
 `plan_memory(cfg) -> MemoryPlan`; `python launch/plan.py` prints the table and writes plan.json.
