@@ -93,9 +93,9 @@ def worker(argv: list[str]) -> None:
             logits = engine.module(input_ids=ids, position_ids=batch.position_ids).logits
             loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum") * scale
         elif stage == 3:
-            loss = loop.token_loss_sum(engine.module, batch, zero3_scale=scale)
+            loss = loop.token_loss_sum(engine.module, batch.model_inputs(), zero3_scale=scale)
         else:
-            loss = loop.token_loss_sum(engine.module, batch) * scale
+            loss = loop.token_loss_sum(engine.module, batch.model_inputs()) * scale
         engine.backward(loss)
         engine.step()
         return loss

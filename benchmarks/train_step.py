@@ -48,7 +48,7 @@ def step_fn(model, opt, T: int, vocab: int):
     batch = Batch(ids, ids.clone(), torch.arange(T)[None], None)
 
     def run():
-        loss = token_loss_sum(model, batch) / T
+        loss = token_loss_sum(model, batch.model_inputs()) / T
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -27,6 +27,8 @@ from .cache import INVALID_POS, KV_META, ONLINE, contiguous_validity, make_cache
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 CONFIG_KEY = "lt_hybrid"
 IMPL_PREFIX = "lt_hybrid_"
+# set on attention modules by sequence_parallel.enable: their calls see whole rows with gathered position ids
+SEQUENCE_PARALLEL = "lt_sequence_parallel"
 
 
 @dataclass
@@ -187,6 +189,18 @@ def _observe(online, module, query, key, attention_mask, kwargs, scaling) -> Non
     online.observe(module.layer_idx, query, key, valid, pos, scaling)
 
 
+def _packed_causal_mask(pos: torch.Tensor) -> torch.Tensor | None:
+    """[B, 1, T, T] bool: causal and inside each document, documents being runs of positions that count up by 1
+    (as transformers finds packed rows); None for rows of one document each."""
+    start = torch.ones_like(pos, dtype=torch.bool)
+    start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    if not bool(start[:, 1:].any()):
+        return None
+    doc = start.cumsum(-1)
+    t = torch.arange(pos.shape[1], device=pos.device)
+    return ((doc[:, :, None] == doc[:, None, :]) & (t[:, None] >= t[None, :]))[:, None]
+
+
 def _make_attention(base: str):
     def hybrid_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         spec = getattr(module, "lt_streaming", None)
@@ -194,6 +208,11 @@ def _make_attention(base: str):
         if spec is None and meta is not None:  # a layer that online selection made lazy
             spec = _LayerSpec(meta["sink"], meta["window"], "sdpa")
         if spec is None:
+            if (getattr(module, SEQUENCE_PARALLEL, False) and base == "sdpa" and attention_mask is None
+                    and kwargs.get("position_ids") is not None and module.training):
+                # Ulysses drops the mask (it was built for one shard) and gathers the position ids: packed
+                # documents must stay apart in full layers too (flash attention reads them from position_ids)
+                attention_mask = _packed_causal_mask(kwargs["position_ids"].expand(query.shape[0], -1))
             online = kwargs.pop(ONLINE, None)
             out = _base_attention(base, module)(module, query, key, value, attention_mask, scaling=scaling,
                                                 dropout=dropout, **kwargs)
@@ -220,7 +239,7 @@ def _register(base: str) -> str:
 # Conversion
 
 
-def _attention_modules(model) -> list:
+def attention_modules(model) -> list:
     mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
     return sorted(mods, key=lambda m: m.layer_idx)
 
@@ -248,7 +267,7 @@ def convert_to_hybrid(model, cfg: HybridConfig):
         raise ValueError(f"full layers use attention {base!r}, which has no registered mask function")
     name = _register(base)
 
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
     if len(modules) != config.num_hidden_layers:
         raise ValueError(f"found {len(modules)} attention modules for {config.num_hidden_layers} layers")
     model.set_attn_implementation(name)
@@ -264,7 +283,7 @@ def set_lazy_layers(model, cfg: HybridConfig, base: str | None = None) -> None:
     if base is None:
         base = getattr(config, CONFIG_KEY)["base_attention"]
     lazy = set(cfg.lazy_layers)
-    for m in _attention_modules(model):
+    for m in attention_modules(model):
         m.lt_streaming = _LayerSpec(cfg.sink_tokens, cfg.window, cfg.backend) if m.layer_idx in lazy else None
     setattr(config, CONFIG_KEY, dict(cfg.to_dict(), lazy_layers=sorted(lazy), base_attention=base))
 
@@ -275,7 +294,7 @@ def revert_hybrid(model):
     data = getattr(config, CONFIG_KEY, None)
     if data is None:
         return model
-    for m in _attention_modules(model):
+    for m in attention_modules(model):
         m.__dict__.pop("lt_streaming", None)
     model.set_attn_implementation(data["base_attention"])
     delattr(config, CONFIG_KEY)

@@ -10,12 +10,19 @@ def decoder_of(model):
     return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
 
 
-def lm_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def _targets(hidden: torch.Tensor, labels: torch.Tensor, shifted: bool):
+    """(states, the token each one predicts): labels are shifted here unless already (`shift_labels` of a
+    sequence-parallel shard, whose last target lives on the next shard)."""
+    return (hidden, labels) if shifted else (hidden[:, :-1], labels[:, 1:])
+
+
+def lm_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024,
+                     shifted: bool = False) -> torch.Tensor:
     """Sum of next-token cross-entropies for decoder states `hidden` [B, T, H] and `labels` [B, T] (-100
-    ignored). With gradients, each chunk is checkpointed so that its logits are not kept for backward (under
+    ignored; `shifted`: labels[t] is the target of state t). With gradients, each chunk is checkpointed so that its logits are not kept for backward (under
     ZeRO-3 use `zero3_head_loss_sum`: re-running the head in backward would meet its weight partitioned again)."""
     head = model.get_output_embeddings()
-    hidden, targets = hidden[:, :-1], labels[:, 1:]
+    hidden, targets = _targets(hidden, labels, shifted)
 
     def part(h, t):
         logits = head(h).float()
@@ -31,7 +38,7 @@ def lm_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: i
 
 
 def zero3_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, scale: float,
-                        chunk: int = 1024) -> torch.Tensor:
+                        chunk: int = 1024, shifted: bool = False) -> torch.Tensor:
     """`lm_head_loss_sum` x `scale` under DeepSpeed ZeRO-3, through DeepSpeed's own tiled loss
     (`TiledFusedLogitsLoss`, ALST): chunk by chunk, the head runs forward and backward at once while ZeRO-3 holds
     its weight gathered, so neither the T x vocab logits nor a re-run of the head in backward (which would meet
@@ -40,7 +47,7 @@ def zero3_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, scale
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
 
     head = model.get_output_embeddings()
-    x, y = hidden[:, :-1], labels[:, 1:]
+    x, y = _targets(hidden, labels, shifted)
     shards = max(1, -(-y.shape[1] // chunk))
 
     def fn(head_module, xs, ys):

@@ -129,7 +129,7 @@ def test_step_loss_is_normalised_by_target_tokens_not_by_batches():
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
     def ours(model):  # what the training loop does: per micro-batch sum / global count, accumulated
-        return sum(token_loss_sum(model, b) / sum(counts) for b in batches)
+        return sum(token_loss_sum(model, b.model_inputs()) / sum(counts) for b in batches)
 
     def reference(model):
         losses = [model(**b.model_inputs()).loss for b in batches]  # transformers: mean per batch

@@ -69,9 +69,11 @@ def pack_bins(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return bins
 
 
-def collate_packed(rows: list[list[EncodedExample]], pad_id: int) -> Batch:
-    """Each row: its documents back to back, then padding as one more (loss-free) document."""
+def collate_packed(rows: list[list[EncodedExample]], pad_id: int, multiple: int = 1) -> Batch:
+    """Each row: its documents back to back, then padding as one more (loss-free) document, up to the longest
+    row rounded up to a multiple of `multiple` (sequence parallelism shares a row out in equal shards)."""
     T = max(sum(len(e.input_ids) for e in row) for row in rows)
+    T = -(-T // multiple) * multiple
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     labels = torch.full_like(ids, -100)
     pos = torch.zeros_like(ids)

@@ -8,16 +8,21 @@ import torch
 MODES = ("lora", "full")
 
 
-def num_layers_of(mcfg) -> int:
+def text_config_of(mcfg):
+    """The decoder config of the configured model, read without loading weights."""
     from transformers import AutoConfig
 
-    from ..models import resolve
+    from ..models import resolve, tiny_config
 
     if mcfg.name == "tiny":
-        return int(mcfg.get("num_layers", 4))
+        return tiny_config(mcfg.get("arch", "llama"), int(mcfg.get("num_layers", 4)))
     cfg = AutoConfig.from_pretrained(resolve(mcfg.name), revision=mcfg.get("revision"),
                                      trust_remote_code=bool(mcfg.get("trust_remote_code", False)))
-    return cfg.get_text_config(decoder=True).num_hidden_layers
+    return cfg.get_text_config(decoder=True)
+
+
+def num_layers_of(mcfg) -> int:
+    return text_config_of(mcfg).num_hidden_layers
 
 
 def validate(cfg, world_size: int) -> None:
@@ -53,6 +58,12 @@ def validate(cfg, world_size: int) -> None:
         raise FileNotFoundError(f"data.path={cfg.data.path!r} does not exist")
     if cfg.model.name.startswith(("/", ".")) and not os.path.isdir(cfg.model.name):  # a local path
         raise FileNotFoundError(f"model.name={cfg.model.name!r} does not exist")
+    n_sp = int(tr.get("sequence_parallel", 1))
+    if n_sp != 1:
+        from .. import sequence_parallel
+
+        sequence_parallel.check(n_sp, world_size, text_config_of(cfg.model), cfg.model.get("attn_implementation"),
+                                int(tr.pack_length), stage)
     layers = lz.get("layers")
     if layers is not None:
         n = num_layers_of(cfg.model)

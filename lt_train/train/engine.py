@@ -21,7 +21,13 @@ class PlainEngine:
         self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.max_grad_norm, self.grad_accum = max_grad_norm, grad_accum
         self.rank, self.world_size = 0, 1
+        self.gradient_divisor = 1
         self._micro = 0
+
+    def hidden_states(self, inputs: dict) -> torch.Tensor:
+        from ..nll import decoder_of
+
+        return decoder_of(self.module)(**inputs).last_hidden_state
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -61,7 +67,9 @@ class PlainEngine:
         self.scheduler.load_state_dict(opt["scheduler"])
 
 
-def deepspeed_config(ds_cfg, train_cfg, grad_accum: int) -> dict:
+def deepspeed_config(ds_cfg, train_cfg, grad_accum: int, sequence_parallel: int = 1) -> dict:
+    """`grad_accum`: packed rows per process per step. Under sequence parallelism each process runs one shard of
+    every row of its group, so it takes `grad_accum x sequence_parallel` micro-steps per optimizer step."""
     from ..plan import ALLGATHER_BUCKET, PREFETCH_BUCKET, REDUCE_BUCKET
 
     stage = int(ds_cfg.stage)
@@ -77,7 +85,7 @@ def deepspeed_config(ds_cfg, train_cfg, grad_accum: int) -> dict:
         zero["offload_param"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": grad_accum,
+        "gradient_accumulation_steps": grad_accum * sequence_parallel,
         "gradient_clipping": float(train_cfg.max_grad_norm or 0.0),
         "zero_optimization": zero,
         "bf16": {"enabled": bool(train_cfg.bf16)},
@@ -92,14 +100,32 @@ class DeepSpeedEngine:
     """DeepSpeed ZeRO: `deepspeed.initialize` driven directly (the HF Trainer and Accelerate silently drop
     DeepSpeed or the world size on CPU)."""
 
-    def __init__(self, model, optimizer, scheduler, ds_config: dict):
+    def __init__(self, model, optimizer, scheduler, ds_config: dict, mpu=None):
         import deepspeed
 
+        # mpu: the sequence-parallel groups (sequence_parallel.enable); gradients are then averaged over the
+        # data-parallel degree, world size / N
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu)
         self.module = self.engine.module
         self.rank, self.world_size = world()
         self.stage = ds_config["zero_optimization"]["stage"]
+        sp = 1 if mpu is None else mpu.get_sequence_parallel_world_size()
+        # What DeepSpeed divides the summed gradients by. ZeRO-1/2 divide by the data-parallel degree (world / N);
+        # ZeRO-3's reduce-scatter (the default path) averages over all ranks, sequence-parallel ones included
+        # (deepspeed 0.19: stage3.__avg_scatter_grads has no sequence-parallel factor). The loop scales its loss
+        # by this, so that both give sum of token gradients / target tokens; tests/test_sequence_parallel.py
+        # checks it against one process.
+        self.gradient_divisor = self.world_size if self.stage == 3 else self.world_size // sp
+
+    def hidden_states(self, inputs: dict) -> torch.Tensor:
+        """The decoder's last hidden states [B, T, H], through `engine.forward`: DeepSpeed counts micro-steps there
+        (ZeRO-3 copies the first micro-step's gradient and adds the others; a forward that bypasses the engine
+        keeps every micro-step the first, so only the last one's gradient survives the accumulation) and hooks the
+        output to start its backward bookkeeping. The LM head is skipped (no logits kept); the loss takes the states."""
+        out = self.engine(**inputs, output_hidden_states=True,
+                          logits_to_keep=torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device))
+        return out.hidden_states[-1]
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # our loss is already normalised

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from .. import sequence_parallel
 from ..data import demo_examples
 from ..data.collate import collate_packed, pack_bins
 from ..data.format import EncodedExample
@@ -56,16 +57,19 @@ def plan_rows(lengths: list[int], pack_length: int, seed: int, epochs: int) -> l
     return rows
 
 
-def token_loss_sum(model, batch, zero3_scale: float | None = None) -> torch.Tensor:
-    """Sum of token NLLs of a batch, the LM head applied in chunks (`nll.lm_head_loss_sum`). Under ZeRO-3 pass
-    `zero3_scale` (the step's loss scale): DeepSpeed's tiled loss then returns the sum already scaled, its head
-    gradient computed inside the call (`nll.zero3_head_loss_sum`)."""
-    inputs = batch.model_inputs()
-    labels = inputs.pop("labels")
-    hidden = decoder_of(model)(**inputs).last_hidden_state
+def token_loss_sum(model, inputs: dict, zero3_scale: float | None = None, engine=None) -> torch.Tensor:
+    """Sum of token NLLs of model inputs with `labels` (a packed row) or `shift_labels` (a sequence-parallel
+    shard), the LM head applied in chunks (`nll.lm_head_loss_sum`). Under ZeRO-3 pass `zero3_scale` (the step's
+    loss scale): DeepSpeed's tiled loss then returns the sum already scaled, its head gradient computed inside
+    the call (`nll.zero3_head_loss_sum`). `engine`: run the decoder through the training engine's forward (its
+    per-micro-step bookkeeping; see engine.py)."""
+    inputs = dict(inputs, use_cache=False)
+    shifted = "shift_labels" in inputs
+    labels = inputs.pop("shift_labels" if shifted else "labels")
+    hidden = engine.hidden_states(inputs) if engine is not None else decoder_of(model)(**inputs).last_hidden_state
     if zero3_scale is not None:
-        return zero3_head_loss_sum(model, hidden, labels, zero3_scale)
-    return lm_head_loss_sum(model, hidden, labels)
+        return zero3_head_loss_sum(model, hidden, labels, zero3_scale, shifted=shifted)
+    return lm_head_loss_sum(model, hidden, labels, shifted=shifted)
 
 
 def _choose_lazy(cfg, model, train_encoded, out_dir, rank) -> list[int]:
@@ -218,7 +222,7 @@ def train(cfg) -> dict:
 
     tr = cfg.train
     grad_accum = int(tr.global_batch) // world_size if tr.get("global_batch") else int(tr.grad_accum)
-    ds_config = deepspeed_config(cfg.deepspeed, tr, grad_accum) if use_ds else None
+    ds_config = deepspeed_config(cfg.deepspeed, tr, grad_accum, int(tr.get("sequence_parallel", 1))) if use_ds else None
     zero3 = use_ds and int(cfg.deepspeed.stage) == 3
     hf_ds = _partitioned_loading(ds_config) if zero3 else None  # alive until the engine exists (weakref in HF)
     model, tok = load_from_config(cfg.model)  # under ZeRO-3: built inside zero.Init, each rank its partition
@@ -259,6 +263,8 @@ def train(cfg) -> dict:
 
     model = _wrap_trainable(cfg, model)
     model.train()
+    n_sp = int(tr.get("sequence_parallel", 1))
+    sp = sequence_parallel.enable(model, n_sp)  # after the evaluations: they run whole rows on one rank
     lengths = [len(e.input_ids) for e in train_enc]
     rows = plan_rows(lengths, tr.pack_length, seed, int(tr.epochs or 1))
     per_step = grad_accum * world_size
@@ -268,7 +274,7 @@ def train(cfg) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(tr.warmup_ratio * max_steps), max_steps))
-    engine = (DeepSpeedEngine(model, opt, sched, ds_config) if use_ds
+    engine = (DeepSpeedEngine(model, opt, sched, ds_config, mpu=sp and sp.mpu) if use_ds
               else PlainEngine(model, opt, sched, tr.max_grad_norm, grad_accum))
     model = engine.module
     if hf_ds is not None:  # later loads (the export's rebuild, evaluation) must not be partitioned again
@@ -298,19 +304,23 @@ def train(cfg) -> dict:
     for step in range(start, max_steps):
         t0 = time.perf_counter()
         mine = [rows[step * per_step + rank * grad_accum + m] for m in range(grad_accum)]
-        batches = [collate_packed([[train_enc[i] for i in row]], tok.pad_token_id) for row in mine]
+        batches = [collate_packed([[train_enc[i] for i in row]], tok.pad_token_id, n_sp) for row in mine]
         local_tokens = sum(b.num_target_tokens for b in batches)
         n_global = all_reduce_sum(local_tokens, dev)  # the loss is normalised by target tokens of the step
         loss_sum = 0.0
         norm = None
-        scale = world_size / n_global  # the step's loss: token losses of all ranks / target tokens of the step
-        for b in batches:
-            b.input_ids, b.labels, b.position_ids = b.input_ids.to(dev), b.labels.to(dev), b.position_ids.to(dev)
+        # the step's loss: token losses of all ranks / target tokens of the step, times what the engine divides
+        # the summed gradients by (see engine.py)
+        scale = engine.gradient_divisor / n_global
+        rows_in = [{"input_ids": b.input_ids, "labels": b.labels, "position_ids": b.position_ids} for b in batches]
+        micro = sequence_parallel.shard(sp, rows_in, dev) if sp else [
+            {k: v.to(dev) for k, v in r.items()} for r in rows_in]
+        for inputs in micro:
             if zero3:  # DeepSpeed's tiled loss: the head's backward runs inside, already scaled
-                scaled = token_loss_sum(model, b, zero3_scale=scale)
+                scaled = token_loss_sum(model, inputs, zero3_scale=scale, engine=engine)
                 loss_sum += float(scaled.detach()) / scale  # host sync, once per micro-batch
             else:
-                scaled = token_loss_sum(model, b) * scale
+                scaled = token_loss_sum(model, inputs, engine=engine) * scale
                 loss_sum += float(scaled.detach()) / scale
             engine.backward(scaled)
             norm = engine.step()
