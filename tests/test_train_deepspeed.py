@@ -44,12 +44,16 @@ def test_zero3_cpu_offload_with_bf16(tmp_path):
     assert load_hybrid(str(tmp_path / "model")).config.lt_hybrid["lazy_layers"] == [1, 3]
 
 
-@pytest.mark.parametrize("mode,tied", [("full", False), ("lora", False), ("full", True)])
-def test_zero3_loads_partitioned_and_its_tiled_loss_equals_the_plain_engine(tmp_path, monkeypatch, mode, tied):
+@pytest.mark.parametrize("mode,tied,per_rank", [("full", False, 1), ("lora", False, 1), ("full", True, 1),
+                                                ("full", False, 2), ("full", True, 2)])
+def test_zero3_loads_partitioned_and_its_tiled_loss_equals_the_plain_engine(tmp_path, monkeypatch, mode, tied,
+                                                                            per_rank):
     """Two ZeRO-3 processes (the model built inside zero.Init from a saved checkpoint, the LM head through
     DeepSpeed's tiled loss) against one plain process with the same rows per step: equal per-step losses and
     gradient norms, and each rank holds half of the model after loading. `tied`: the head shares the input
-    embedding's weight (SmolLM2, Qwen2.5-1.5B), whose gradient comes from both ends of the model."""
+    embedding's weight (SmolLM2, Qwen2.5-1.5B), whose gradient comes from both ends of the model. `per_rank=2`:
+    gradient accumulation over two rows per process (a forward that bypassed engine.forward kept only the last
+    micro-step's gradient under ZeRO-3)."""
     import re
 
     import train_helpers
@@ -62,9 +66,10 @@ def test_zero3_loads_partitioned_and_its_tiled_loss_equals_the_plain_engine(tmp_
                         + [f"model={ckpt}"])
     common = [f"train={mode}", "train.max_steps=3", "train.save_every=0", "validation.enabled=false",
               "train.lr=1e-3"] + (["train.lora.dropout=0"] if mode == "lora" else [])
-    plain = train_helpers.run_train(tmp_path / "plain", common + ["train.grad_accum=2"])
+    plain = train_helpers.run_train(tmp_path / "plain", common + [f"train.grad_accum={2 * per_rank}"])
     assert plain.returncode == 0, plain.stderr[-3000:]
-    z3 = train_helpers.run_train(tmp_path / "z3", common + ["deepspeed=zero3", "train.grad_accum=1"], nproc=2)
+    z3 = train_helpers.run_train(tmp_path / "z3", common + ["deepspeed=zero3", f"train.grad_accum={per_rank}"],
+                                 nproc=2)
     assert z3.returncode == 0, z3.stdout[-3000:] + z3.stderr[-3000:]
     shares = re.findall(r"rank (\d): holds ([\d.]+)% of the model", z3.stdout)
     assert sorted(r for r, _ in shares) == ["0", "1"] and all(abs(float(s) - 50) < 1 for _, s in shares)

@@ -1,0 +1,191 @@
+"""Sequence parallelism (DeepSpeed Ulysses) on CPU with gloo: the same gradients, losses and resume as without it,
+and clear errors for settings it cannot run."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import train_helpers
+from train_helpers import ROOT, losses, run_train
+
+WORKER = os.path.join(ROOT, "tests", "sp_worker.py")
+
+
+def _torchrun(nproc: int, args: list[str], timeout: int = 900):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+           str(29500 + (abs(hash(tuple(args))) % 1000)), WORKER] + args
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return proc, records
+
+
+def _check(proc, records, expected: int):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(records) == expected
+    for r in records:
+        assert r["shards"] == r["world"] and r["T"] % r["world"] == 0
+        assert r["loss_rel"] < 1e-5 and r["worst_grad_rel"] < 1e-4, r
+        # the negative control: without the document mask, full layers would see the previous document
+        assert r["leak_rel"] > 1e-4, r
+
+
+def test_every_gradient_equals_the_unsharded_rows_on_all_four_architectures():
+    """Two processes, one packed row each (documents of 45, 70, 30 tokens: both shard boundaries fall inside
+    documents), two streaming layers with W=16: loss and every trainable parameter's gradient, LoRA and full."""
+    proc, records = _torchrun(2, [])
+    _check(proc, records, 8)
+    assert {(r["arch"], r["mode"]) for r in records} == {
+        (a, m) for a in ("llama", "qwen2", "qwen3", "mistral") for m in ("full", "lora")}
+
+
+@pytest.mark.slow
+def test_four_way_split_replicates_key_value_heads():
+    """N=4 with 2 KV heads: DeepSpeed replicates each KV head on two processes."""
+    proc, records = _torchrun(4, ["--archs", "qwen2"])
+    _check(proc, records, 2)
+
+
+@pytest.mark.slow
+def test_smollm2_three_way():
+    """SmolLM2-135M has 9 query / 3 KV heads, so N=3 (N=2 divides neither): LoRA on a 1050-token packed row."""
+    proc, records = _torchrun(3, ["--archs", "smollm2", "--modes", "lora", "--lengths", "300,500,250",
+                                  "--window", "64"], timeout=1500)
+    _check(proc, records, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The trainer: train.sequence_parallel=2 against one process with the same rows per step
+
+
+def _log(d):
+    return [json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A saved tiny model: under ZeRO-3 it is built inside zero.Init, so random initialisation would differ."""
+    from lt_train.models import tiny_model, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def _same_steps(a, b):
+    for x, y in zip(_log(a), _log(b), strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("stage,mode,global_batch", [("zero2", "full", 2), ("zero3", "lora", 4)])
+def test_trainer_with_two_way_sequence_parallelism_equals_one_process(tmp_path, tiny_ckpt, stage, mode,
+                                                                     global_batch):
+    """Per-step losses and gradient norms (the norm of every trainable gradient together) equal one plain
+    process's; global_batch=4 gives each process two rows per step, so the group runs four shards per step."""
+    common = [f"model={tiny_ckpt}", f"train={mode}", "train.max_steps=3", "train.save_every=0",
+              "validation.enabled=false", "train.lr=1e-3", f"train.global_batch={global_batch}"]
+    common += ["train.lora.dropout=0"] if mode == "lora" else []
+    plain = run_train(tmp_path / "plain", common)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    sp = run_train(tmp_path / "sp", common + [f"deepspeed={stage}", "train.sequence_parallel=2"], nproc=2)
+    assert sp.returncode == 0, sp.stdout[-3000:] + sp.stderr[-3000:]
+    _same_steps(tmp_path / "plain", tmp_path / "sp")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_two_way_sequence_times_two_way_data_parallel(tmp_path, tiny_ckpt, stage):
+    """Four processes: two groups of two, each group on its own rows."""
+    common = [f"model={tiny_ckpt}", "train=full", "train.max_steps=2", "train.save_every=0",
+              "validation.enabled=false", "train.lr=1e-3", "train.global_batch=4"]
+    assert run_train(tmp_path / "plain", common).returncode == 0
+    sp = run_train(tmp_path / "sp", common + [f"deepspeed={stage}", "train.sequence_parallel=2"], nproc=4)
+    assert sp.returncode == 0, sp.stdout[-3000:] + sp.stderr[-3000:]
+    _same_steps(tmp_path / "plain", tmp_path / "sp")
+
+
+@pytest.mark.slow
+def test_sequence_parallel_run_learns_exports_and_resumes_exactly(tmp_path):
+    args = ["deepspeed=zero2", "train=full", "train.lr=1e-3", "train.max_steps=6", "train.save_every=2",
+            "train.sequence_parallel=2"]
+    a = run_train(tmp_path / "a", args, nproc=2)
+    assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]
+    la = losses(tmp_path / "a")
+    assert la[6] < la[1]
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())  # rank 0 evaluates, unsharded
+    assert summary["results"]["hybrid, after"]["heldout_nll"] < summary["results"]["hybrid, before"]["heldout_nll"]
+    killed = run_train(tmp_path / "b", args + ["validation.enabled=false", "train.exit_after_step=5"], nproc=2)
+    assert killed.returncode != 0
+    resumed = run_train(tmp_path / "b", args + ["validation.enabled=false"], nproc=2)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    lb = losses(tmp_path / "b")
+    for step in (5, 6):
+        assert lb[step] == pytest.approx(la[step], rel=1e-5, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings it cannot run: errors that name the setting, before any weights load
+
+
+def _cfg(**train):
+    base = OmegaConf.load(os.path.join(ROOT, "conf", "train.yaml"))
+    cfg = OmegaConf.create({
+        "model": {"name": "tiny", "arch": "llama", "num_layers": 4, "attn_implementation": "sdpa"},
+        "train": {**OmegaConf.to_container(OmegaConf.load(os.path.join(ROOT, "conf", "train", "full.yaml"))),
+                  **base.train, "pack_length": 1600, "sequence_parallel": 2},
+        "deepspeed": {"stage": 2}, "lazy": {"layers": None, "from_file": None},
+        "data": {"source": "demo"}})
+    cfg.train.update(train)
+    return cfg
+
+
+@pytest.mark.parametrize("world,train,model,message", [
+    (3, {}, {}, "does not divide the 3 processes"),
+    (3, {"sequence_parallel": 3, "pack_length": 1599}, {}, "does not divide the model's 4 attention heads"),
+    (2, {"pack_length": 1601}, {}, "train.pack_length=1601 is not divisible by train.sequence_parallel=2"),
+    (2, {}, {"attn_implementation": "eager"}, "model.attn_implementation='eager'"),
+    (2, {"sequence_parallel": 0}, {}, "train.sequence_parallel must be >= 1"),
+])
+def test_settings_ulysses_cannot_run_are_refused_by_name(world, train, model, message):
+    from lt_train.train.config import validate
+
+    cfg = _cfg(**train)
+    cfg.model.update(model)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(cfg, world)
+
+
+def test_key_value_heads_that_neither_divide_nor_are_divided_are_refused():
+    from lt_train import sequence_parallel
+    from lt_train.models import tiny_config
+
+    cfg = tiny_config("qwen2", num_attention_heads=12, num_key_value_heads=4)
+    sequence_parallel.check(4, 4, cfg, "sdpa", 1600, 3)  # 4 KV heads over 4 processes: fine
+    with pytest.raises(ValueError, match="the model's 4 key-value heads"):
+        sequence_parallel.check(6, 6, cfg, "sdpa", 1800, 3)
+    with pytest.raises(ValueError, match="architecture 'gpt2' cannot be sharded"):
+        from transformers import AutoConfig
+
+        sequence_parallel.check(2, 2, AutoConfig.for_model("gpt2"), "sdpa", 1600, 3)
+    with pytest.raises(ValueError, match="needs DeepSpeed"):
+        sequence_parallel.check(2, 2, cfg, "sdpa", 1600, 0)
+
+
+def test_packed_rows_are_padded_to_a_multiple_with_a_loss_free_document():
+    from lt_train.data.collate import collate_packed
+    from lt_train.data.format import EncodedExample
+
+    docs = [EncodedExample(torch.arange(5, 12), torch.arange(5, 12)), EncodedExample(torch.arange(20, 26),
+                                                                                      torch.arange(20, 26))]
+    b = collate_packed([docs], pad_id=0, multiple=4)
+    assert b.input_ids.shape == (1, 16)
+    assert b.position_ids[0].tolist() == list(range(7)) + list(range(6)) + [0, 1, 2]
+    assert (b.labels[0, 13:] == -100).all() and b.num_target_tokens == 6 + 5
+    assert collate_packed([docs], pad_id=0).input_ids.shape == (1, 13)
