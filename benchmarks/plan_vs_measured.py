@@ -25,14 +25,17 @@ import threading
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-ENGINES = {"plain": ("none", 1), "zero2": ("zero2", 2), "zero3": ("zero3", 2)}
+# name: (deepspeed config, processes, sequence-parallel size N); zero3-3 / zero3-sp3: three processes, whole rows
+# on each vs one row shared by all three (Ulysses; SmolLM2's 9 heads / 3 KV heads allow N=3, not 2)
+ENGINES = {"plain": ("none", 1, 1), "zero2": ("zero2", 2, 1), "zero3": ("zero3", 2, 1),
+           "zero3-3": ("zero3", 3, 1), "zero3-sp3": ("zero3", 3, 3)}
 
 
 def overrides(model: str, engine: str, mode: str, gc: bool, T: int) -> list[str]:
-    ds, _ = ENGINES[engine]
+    ds, _, n_sp = ENGINES[engine]
     return [f"model={model}", f"train={mode}", f"deepspeed={ds}", f"train.pack_length={T}", "train.grad_accum=1",
             f"train.gradient_checkpointing={'true' if gc else 'false'}", "lazy.num_lazy=0.5",
-            "validation.enabled=false", "train.bf16=false"]
+            "validation.enabled=false", "train.bf16=false", f"train.sequence_parallel={n_sp}"]
 
 
 def _rss() -> int:
@@ -47,6 +50,7 @@ def worker(argv: list[str]) -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
+    from lt_train import sequence_parallel
     from lt_train.data.collate import Batch
     from lt_train.distributed import world
     from lt_train.hybrid import HybridConfig, convert_to_hybrid
@@ -72,32 +76,39 @@ def worker(argv: list[str]) -> None:
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     tr = cfg.train
-    ds_config = deepspeed_config(cfg.deepspeed, tr, 1) if stage else None
+    n_sp = int(tr.sequence_parallel)
+    ds_config = deepspeed_config(cfg.deepspeed, tr, 1, n_sp) if stage else None
     hf_ds = loop._partitioned_loading(ds_config) if stage == 3 else None
     model, _ = load_from_config(cfg.model)
     n = model.config.num_hidden_layers
     convert_to_hybrid(model, HybridConfig(list(range(1, n, 2)), cfg.lazy.sink_tokens, cfg.lazy.recent_tokens))
     model = loop._wrap_trainable(cfg, model)
     model.train()
+    sp = sequence_parallel.enable(model, n_sp)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    engine = DeepSpeedEngine(model, opt, sched, ds_config) if stage else PlainEngine(model, opt, sched, 1.0, 1)
+    engine = (DeepSpeedEngine(model, opt, sched, ds_config, mpu=sp and sp.mpu) if stage
+              else PlainEngine(model, opt, sched, 1.0, 1))
     del hf_ds
     T = int(tr.pack_length)
     ids = torch.randint(100, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(rank))
     batch = Batch(ids, ids.clone(), torch.arange(T)[None], None)
-    scale = world_size / T
+    scale = engine.gradient_divisor / (T * world_size)
 
     def step():
         if os.environ.get("PVM_WHOLE_HEAD"):  # the comparison: a loss over all T x vocab logits at once
             logits = engine.module(input_ids=ids, position_ids=batch.position_ids).logits
             loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum") * scale
-        elif stage == 3:
-            loss = loop.token_loss_sum(engine.module, batch.model_inputs(), zero3_scale=scale)
-        else:
-            loss = loop.token_loss_sum(engine.module, batch.model_inputs()) * scale
-        engine.backward(loss)
-        engine.step()
+            engine.backward(loss)
+            engine.step()
+            return loss
+        row = {"input_ids": ids, "labels": ids.clone(), "position_ids": batch.position_ids}
+        for inputs in (sequence_parallel.shard(sp, [row], "cpu") if sp else [row]):  # N shards under Ulysses
+            loss = loop.token_loss_sum(engine.module, inputs, zero3_scale=scale if stage == 3 else None,
+                                       engine=engine)
+            loss = loss if stage == 3 else loss * scale
+            engine.backward(loss)
+            engine.step()
         return loss
 
     step()  # the first step allocates the optimizer states; the plan is for the steady state: measure the second
@@ -114,7 +125,7 @@ def measure(args, engine: str, mode: str, gc: bool, T: int) -> dict:
     from lt_train.plan import Hardware, plan_memory
 
     ov = overrides(args.model, engine, mode, gc, T)
-    _, nproc = ENGINES[engine]
+    _, nproc, _ = ENGINES[engine]
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         cfg = compose("train", overrides=ov)
     plan = plan_memory(cfg, Hardware(gpus=0, processes=nproc), suggest=False)

@@ -189,16 +189,27 @@ def _observe(online, module, query, key, attention_mask, kwargs, scaling) -> Non
     online.observe(module.layer_idx, query, key, valid, pos, scaling)
 
 
+# (positions, weak mask) of the last packed-row mask built under sequence parallelism: every full layer of a
+# forward gets the same tensor (SDPA keeps its mask for backward, so one T x T mask per step, not one per layer),
+# and none outlives the backward that holds it
+_PACKED_MASK: list = [None, lambda: None]
+
+
 def _packed_causal_mask(pos: torch.Tensor) -> torch.Tensor | None:
     """[B, 1, T, T] bool: causal and inside each document, documents being runs of positions that count up by 1
     (as transformers finds packed rows); None for rows of one document each."""
+    last, mask = _PACKED_MASK[0], _PACKED_MASK[1]()
+    if mask is not None and last.shape == pos.shape and torch.equal(last, pos):
+        return mask
     start = torch.ones_like(pos, dtype=torch.bool)
     start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
     if not bool(start[:, 1:].any()):
         return None
     doc = start.cumsum(-1)
     t = torch.arange(pos.shape[1], device=pos.device)
-    return ((doc[:, :, None] == doc[:, None, :]) & (t[:, None] >= t[None, :]))[:, None]
+    mask = ((doc[:, :, None] == doc[:, None, :]) & (t[:, None] >= t[None, :]))[:, None]
+    _PACKED_MASK[:] = [pos.clone(), weakref.ref(mask)]
+    return mask
 
 
 def _make_attention(base: str):

@@ -110,7 +110,8 @@ class MemoryPlan:
                  else f"CPU, {hw.processes} process(es)" + (f", {hw.host_memory_gb:g} GB host" if hw.host_memory_gb else ""))
         lines = [f"memory plan: {s['model']} ({s['params'] / 1e9:.2f}B params, {s['trainable'] / 1e6:.1f}M trainable), "
                  f"{s['mode']}, ZeRO-{s['zero_stage']}{' + optimizer offload' if s['offload_optimizer'] else ''}"
-                 f"{' + param offload' if s['offload_param'] else ''}, {s['dtype']}, T={s['tokens']}, "
+                 f"{' + param offload' if s['offload_param'] else ''}, {s['dtype']}, T={s['tokens']}"
+                 f"{' over ' + str(s['sequence_parallel']) + ' sequence-parallel processes' if s.get('sequence_parallel', 1) > 1 else ''}, "
                  f"{s['lazy_layers']}/{s['layers']} lazy ({s['streaming_backend']}), gradient checkpointing "
                  f"{'on' if s['gradient_checkpointing'] else 'off'}, on {where}",
                  f"{'per GPU' if hw.gpus else 'per process'}:"]
@@ -214,7 +215,26 @@ class _SavedLike(torch.autograd.Function):
 def _plan_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention stand-in for the trace: saves what the real kernel saves. Full layers (and streaming layers
     on flex / flash-attn): q, k, v, out, lse. Chunked streaming SDPA: the blocked queries, keys, values and
-    output, lse, and the whole k and v (the sink gather keeps them); see attention/sdpa.py."""
+    output, lse, and the whole k and v (the sink gather keeps them); see attention/sdpa.py.
+    Under sequence parallelism (`module.lt_plan_sp` = N) the layer holds T/N tokens and the kernel runs on what
+    Ulysses' all-to-all hands it: all T tokens of Hq/N query heads and Hkv/N key-value heads (at least one:
+    DeepSpeed replicates KV heads when N exceeds them)."""
+    n = getattr(module, "lt_plan_sp", 1)
+    local = query
+    if n > 1:
+        B, Hq, t, D = query.shape
+        hkv = max(1, key.shape[1] // n)
+        # new storages in the graph (what the kernel saves is the all-to-all's output, not this rank's q, k, v)
+        query = query.new_empty(B, Hq // n, t * n, D) + query.sum() * 0
+        key = key.new_empty(B, hkv, t * n, D) + key.sum() * 0
+        value = value.new_empty(B, hkv, t * n, D) + value.sum() * 0
+    out = _kernel_saves(module, query, key, value)
+    if n > 1:  # back to this rank's tokens, all heads (the all-to-all itself saves nothing)
+        out = local + out.sum() * 0
+    return out.transpose(1, 2), None
+
+
+def _kernel_saves(module, query, key, value):
     B, Hq, T, D = query.shape
     Hkv = key.shape[1]
     spec = getattr(module, "lt_plan", None)  # (sink, window, backend) on lazy layers
@@ -235,7 +255,7 @@ def _plan_attention(module, query, key, value, attention_mask, scaling=None, dro
         # the block mask is saved too, but it is one tensor shared by all lazy layers: see streaming_mask_bytes
         out = _SavedLike.apply(query, qb, kb, vb, ob, lse, *sinks)
         out = out + query * 0  # keep the graph connected to q, k, v
-    return out.transpose(1, 2), None
+    return out
 
 
 def streaming_mask_bytes(tokens: int, sink: int, window: int, elem_bytes: int) -> int:
@@ -269,20 +289,22 @@ def saved_bytes(fn) -> tuple[int, dict]:
     return sum(seen.values()), seen
 
 
-def layer_activations(model, tokens: int, lazy_spec: tuple | None) -> int:
-    """Bytes one decoder layer saves for backward on a row of `tokens` tokens (batch 1), traced on meta.
-    `lazy_spec` = (sink, window, backend) makes it a streaming layer. Excludes storages shared by all layers
-    (the rotary tables)."""
+def layer_activations(model, tokens: int, lazy_spec: tuple | None, sequence_parallel: int = 1) -> int:
+    """Bytes one decoder layer saves for backward on a row of `tokens` tokens (batch 1), traced on meta, on one
+    of `sequence_parallel` processes sharing the row (tokens / N each). `lazy_spec` = (sink, window, backend)
+    makes it a streaming layer. Excludes storages shared by all layers (the rotary tables)."""
     from .nll import decoder_of
 
     dec = decoder_of(model)
     layer = dec.layers[0]
     attn = layer.self_attn
     attn.lt_plan = lazy_spec
+    attn.lt_plan_sp = sequence_parallel
     dtype = next(model.parameters()).dtype
     H = model.config.get_text_config(decoder=True).hidden_size
-    x = torch.empty(1, tokens, H, device="meta", dtype=dtype, requires_grad=True)
-    pos = torch.arange(tokens, device="meta")[None]
+    local = tokens // sequence_parallel
+    x = torch.empty(1, local, H, device="meta", dtype=dtype, requires_grad=True)
+    pos = torch.arange(local, device="meta")[None]
     pe = dec.rotary_emb(x, pos)
     shared = {t.untyped_storage()._cdata for t in pe}
     configs = {id(c): c for c in (model.config, attn.config, model.config.get_text_config(decoder=True))}
@@ -294,6 +316,7 @@ def layer_activations(model, tokens: int, lazy_spec: tuple | None) -> int:
         _, seen = saved_bytes(lambda: layer(x, position_embeddings=pe, position_ids=pos, attention_mask=None))
     finally:
         attn.lt_plan = None
+        attn.lt_plan_sp = 1
         for k, c in configs.items():
             c._attn_implementation = before[k]
     # parameters saved by matmuls are weights, not activations
@@ -387,6 +410,7 @@ def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> 
     world = hw.world
     if stage == 0 and world > 1:
         raise ValueError(f"{world} processes need DeepSpeed (deepspeed=zero2 or zero3)")
+    n_sp = int(tr.get("sequence_parallel", 1) or 1)
     mdtype = str(mcfg.get("dtype", "float32"))
     pb = 2 if (bf16 or mdtype in ("bfloat16", "float16", "auto")) else 4  # bytes per weight / activation element
     dtype = torch.bfloat16 if pb == 2 else torch.float32
@@ -394,6 +418,11 @@ def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> 
     config = arch_config(mcfg)
     text = config.get_text_config(decoder=True)
     L = int(text.num_hidden_layers)
+    if n_sp != 1:
+        from .sequence_parallel import check
+
+        check(n_sp, world, text, mcfg.get("attn_implementation"), T, stage)
+    t_local = T // n_sp  # tokens each process holds outside attention
     model = meta_model(config, dtype)
     N, largest = param_counts(model)
     lora = _get(tr, "lora", {}) or {}
@@ -413,8 +442,8 @@ def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> 
 
     if mode == "lora":
         model = _meta_lora(model, lora)
-    a_full = layer_activations(model, T, None)
-    a_lazy = layer_activations(model, T, (S, W, backend)) if n_lazy else 0
+    a_full = layer_activations(model, T, None, n_sp)
+    a_lazy = layer_activations(model, T, (S, W, backend), n_sp) if n_lazy else 0
     H, V = int(text.hidden_size), int(text.vocab_size)
 
     # ---- model states (per device)
@@ -461,7 +490,7 @@ def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> 
     # measured 0.51-0.56 on an H200 for a Qwen2-1.5B shape). Under ZeRO the gradient partitions are allocated
     # up front (counted above); torch allocates .grad during backward.
     n_full = L - n_lazy
-    layer_in = T * H * pb  # a decoder layer's input, what gradient checkpointing keeps
+    layer_in = t_local * H * pb  # a decoder layer's input, what gradient checkpointing keeps
     a_max = max(a_full, a_lazy)
     held = L * layer_in if gc else n_full * a_full + n_lazy * a_lazy
     parts["activations (checkpointed inputs)" if gc else "activations (all layers)"] = held
@@ -473,7 +502,7 @@ def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> 
     layer_phase = int(BACKWARD_WORKSET * a_max)
     # the LM head (before the layers' backward): one chunk of logits in the model dtype, their fp32 copy and
     # its gradient (nll.lm_head_loss_sum; DeepSpeed's tiled loss under ZeRO-3), plus the hidden states' gradient
-    head_phase = min(HEAD_CHUNK, T) * V * (pb + 4 + 4) + 3 * T * H * 4 - (a_max if gc else 0)
+    head_phase = min(HEAD_CHUNK, t_local) * V * (pb + 4 + 4) + 3 * t_local * H * 4 - (a_max if gc else 0)
     if head_phase > layer_phase:
         parts["LM head chunk (the step's peak)"] = head_phase
     else:
@@ -496,7 +525,8 @@ def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> 
 
     settings = {"model": str(mcfg.get("name")), "params": N, "trainable": Nt, "largest_layer_params": largest,
                 "mode": mode, "zero_stage": stage, "offload_optimizer": off_opt, "offload_param": off_par,
-                "dtype": "bf16" if pb == 2 else "fp32", "tokens": T, "layers": L, "lazy_layers": n_lazy,
+                "dtype": "bf16" if pb == 2 else "fp32", "tokens": T, "sequence_parallel": n_sp, "layers": L,
+                "lazy_layers": n_lazy,
                 "streaming_backend": backend, "sink_tokens": S, "window": W, "gradient_checkpointing": gc,
                 "world_size": world, "layer_activation_bytes": {"full": a_full, "lazy": a_lazy}}
     plan = MemoryPlan(parts, host, hw, settings, deepspeed_estimate=_deepspeed_estimate(
@@ -504,6 +534,32 @@ def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> 
     if suggest and not plan.fits:
         plan.suggestions = _suggestions(cfg, hw)
     return plan
+
+
+def longest_pack_length(cfg, hardware: Hardware | None = None, quantum: int = 1024, limit: int = 1 << 22) -> int:
+    """The longest `train.pack_length` (a multiple of `quantum` and of train.sequence_parallel) whose plan fits
+    `hardware`; 0 if not even one quantum fits. Doubling, then bisection: about 2 log2(limit / quantum) plans."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if OmegaConf.is_config(cfg) else \
+        OmegaConf.create(cfg)
+    n = int(base.train.get("sequence_parallel", 1) or 1)
+    q = math.lcm(quantum, n)
+
+    def fits(k: int) -> bool:
+        base.train.pack_length = k * q
+        return plan_memory(base, hardware, suggest=False).fits
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi * q <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit // q + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * q
 
 
 def _meta_lora(model, lora: dict):
@@ -557,6 +613,13 @@ def _suggestions(cfg, hw: Hardware) -> list[str]:
     if base.train.mode == "lora" and float(base.train.get("lora", {}).get("dropout", 0) or 0) > 0:
         # LoRA dropout keeps a dropped-out copy of every adapted projection's input for backward
         candidates.append(("train.lora.dropout=0", {"train.lora.dropout": 0.0}))
+    heads = arch_config(base.model).get_text_config(decoder=True)
+    for n in (2, 4, 8):
+        n_sp = n * int(base.train.get("sequence_parallel", 1) or 1)
+        kv = heads.num_key_value_heads
+        if (stage and hw.world % n_sp == 0 and heads.num_attention_heads % n_sp == 0 and T % n_sp == 0
+                and (kv % n_sp == 0 or n_sp % kv == 0)):
+            candidates.append((f"train.sequence_parallel={n_sp}", {"train.sequence_parallel": n_sp}))
     if base.train.mode == "full":
         candidates.append(("train=lora", {"train.mode": "lora", "train.lora": {
             "r": 16, "alpha": 32, "dropout": 0.05,

@@ -145,3 +145,34 @@ def test_plan_command_writes_plan_json(tmp_path):
     assert set(data) >= {"per_gpu_bytes", "host_bytes", "fits", "suggestions"}
     assert data["fits"] is True and data["per_gpu_bytes"]["total"] < 141e9
     assert "verdict: fits" in out.stdout
+
+
+def test_sequence_parallel_layer_holds_what_one_process_holds_of_a_row_n_times_shorter():
+    """Ulysses: a process keeps T/N tokens outside attention and, inside, all T tokens of Hq/N query and Hkv/N KV
+    heads: exactly one process's activations of a T/N row, until N exceeds the KV heads (then replicated)."""
+    from lt_train.models import tiny_config
+    from lt_train.plan import layer_activations, meta_model
+
+    m = meta_model(tiny_config("qwen2", num_attention_heads=8, num_key_value_heads=4), torch.float32)
+    for spec in (None, (4, 64, "sdpa")):
+        one = layer_activations(m, 1024, spec)
+        assert layer_activations(m, 2048, spec, 2) == one
+        assert layer_activations(m, 4096, spec, 4) == one
+        assert layer_activations(m, 8192, spec, 8) > one  # 4 KV heads over 8 processes: each holds a whole one
+
+
+def test_longest_sample_grows_with_sequence_parallelism_and_bad_n_is_named():
+    from lt_train.plan import longest_pack_length
+
+    n1 = longest_pack_length(_cfg(["+experiment=qwq_still"]), H100x8)
+    n2 = longest_pack_length(_cfg(["+experiment=qwq_still", "train.sequence_parallel=2"]), H100x8)
+    assert 20_000 < n1 and 1.8 * n1 < n2 < 2.2 * n1
+    assert plan_memory(_cfg(["+experiment=qwq_still", f"train.pack_length={n2}",
+                             "train.sequence_parallel=2"]), H100x8).fits
+    assert not plan_memory(_cfg(["+experiment=qwq_still", f"train.pack_length={n2 + 2048}",
+                                 "train.sequence_parallel=2"]), H100x8, suggest=False).fits
+    too_long = plan_memory(_cfg(["+experiment=qwq_still", f"train.pack_length={n1 + 1024}"]), H100x8)
+    assert any(s.startswith("train.sequence_parallel=2") for s in too_long.suggestions), too_long.suggestions
+    with pytest.raises(ValueError, match="does not divide the model's 40 attention heads"):
+        plan_memory(_cfg(["+experiment=qwq_still", "train.sequence_parallel=3", "train.pack_length=30000"]),
+                    Hardware(gpus=6, gpu_memory_gb=80))

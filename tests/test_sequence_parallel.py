@@ -189,3 +189,24 @@ def test_packed_rows_are_padded_to_a_multiple_with_a_loss_free_document():
     assert b.position_ids[0].tolist() == list(range(7)) + list(range(6)) + [0, 1, 2]
     assert (b.labels[0, 13:] == -100).all() and b.num_target_tokens == 6 + 5
     assert collate_packed([docs], pad_id=0).input_ids.shape == (1, 13)
+
+
+def test_full_layers_document_mask_equals_transformers_and_is_shared_by_the_layers():
+    """Under Ulysses the full layers rebuild the packed rows' mask from the gathered positions: it must be the
+    mask transformers builds for the same positions, and one tensor for all layers of a forward."""
+    from transformers.masking_utils import create_causal_mask
+
+    from lt_train.hybrid import _packed_causal_mask
+    from lt_train.models import tiny_config
+
+    cfg = tiny_config("llama")
+    cfg._attn_implementation = "sdpa"
+    pos = torch.cat([torch.arange(5), torch.arange(7), torch.arange(3)])[None]
+    ref = create_causal_mask(config=cfg, inputs_embeds=torch.zeros(1, 15, 64), attention_mask=None, cache=None,
+                             position_ids=pos)
+    ours = _packed_causal_mask(pos)
+    assert torch.equal(ours, ref)
+    assert _packed_causal_mask(pos.clone()) is ours
+    other = torch.cat([torch.arange(6), torch.arange(9)])[None]
+    assert not torch.equal(_packed_causal_mask(other), ours)
+    assert _packed_causal_mask(torch.arange(15)[None]) is None  # one document: plain causal (is_causal)
