@@ -442,6 +442,10 @@ def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> 
 
     if mode == "lora":
         model = _meta_lora(model, lora)
+    if tr.get("tiled_mlp"):  # the traced MLP then keeps only its input (intermediates exist per tile)
+        from .sequence_parallel import tile_mlps
+
+        tile_mlps(model)
     a_full = layer_activations(model, T, None, n_sp)
     a_lazy = layer_activations(model, T, (S, W, backend), n_sp) if n_lazy else 0
     H, V = int(text.hidden_size), int(text.vocab_size)
@@ -525,7 +529,8 @@ def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> 
 
     settings = {"model": str(mcfg.get("name")), "params": N, "trainable": Nt, "largest_layer_params": largest,
                 "mode": mode, "zero_stage": stage, "offload_optimizer": off_opt, "offload_param": off_par,
-                "dtype": "bf16" if pb == 2 else "fp32", "tokens": T, "sequence_parallel": n_sp, "layers": L,
+                "dtype": "bf16" if pb == 2 else "fp32", "tokens": T, "sequence_parallel": n_sp,
+                "tiled_mlp": bool(tr.get("tiled_mlp")), "layers": L,
                 "lazy_layers": n_lazy,
                 "streaming_backend": backend, "sink_tokens": S, "window": W, "gradient_checkpointing": gc,
                 "world_size": world, "layer_activation_bytes": {"full": a_full, "lazy": a_lazy}}

@@ -117,3 +117,40 @@ def shard(sp: SPGroup, rows: list[dict], device) -> list[dict]:
     adapter = UlyssesSPDataLoaderAdapter(rows, sp_rank=sp.rank, sp_group=sp.group, sp_world_size=sp.size,
                                          device=device)
     return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in adapter]
+
+
+def tile_mlps(model, tile_tokens: int | None = None) -> int:
+    """Run every decoder layer's MLP through DeepSpeed's `TiledMLP` (ALST): the intermediate activations
+    (3 x intermediate_size per token, the largest part of a recomputed layer) exist for one tile of tokens at a
+    time, in forward and in backward, which recomputes each tile's MLP. Tiles of `tile_tokens` (default: the
+    hidden size, DeepSpeed's choice); the tile count is agreed over all ranks (ZeRO-3 gathers the weights once
+    per tile, a collective). Returns the number of MLPs tiled."""
+    import math
+    import types
+
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    from .distributed import group
+    from .nll import decoder_of
+
+    layers = decoder_of(model).layers
+    tile = tile_tokens or model.config.get_text_config(decoder=True).hidden_size
+
+    def plain(mlp, x):
+        return type(mlp).forward(mlp, x)
+
+    def tiled_forward(mlp, x):
+        shards = max(1, math.ceil(x.shape[-2] / tile))
+        if group()[1] > 1 and x.device.type != "meta":
+            import torch.distributed as dist
+
+            n = torch.tensor([shards], device=x.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+            shards = int(n.item())
+        if shards == 1 or not torch.is_grad_enabled():
+            return plain(mlp, x)
+        return TiledMLP.apply(plain, mlp, x, shards, list(mlp.parameters()))
+
+    for layer in layers:
+        layer.mlp.forward = types.MethodType(tiled_forward, layer.mlp)
+    return len(layers)

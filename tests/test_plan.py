@@ -176,3 +176,13 @@ def test_longest_sample_grows_with_sequence_parallelism_and_bad_n_is_named():
     with pytest.raises(ValueError, match="does not divide the model's 40 attention heads"):
         plan_memory(_cfg(["+experiment=qwq_still", "train.sequence_parallel=3", "train.pack_length=30000"]),
                     Hardware(gpus=6, gpu_memory_gb=80))
+
+
+def test_tiled_mlp_leaves_only_the_mlp_input_in_the_recomputed_layer():
+    plain = plan_memory(_cfg(["+experiment=qwq_still", "train.pack_length=32768"]), H100x8, suggest=False)
+    tiled = plan_memory(_cfg(["+experiment=qwq_still", "train.pack_length=32768", "train.tiled_mlp=true"]), H100x8,
+                        suggest=False)
+    key = "activations (one layer recomputed)"
+    # QwQ-32B's MLP keeps gate, up, act(gate) and their product: 4 x 27648 bf16 values per token, untiled
+    assert plain.per_gpu[key] - tiled.per_gpu[key] == pytest.approx(4 * 27648 * 2 * 32768, rel=0.05)
+    assert tiled.per_gpu["activations (checkpointed inputs)"] == plain.per_gpu["activations (checkpointed inputs)"]

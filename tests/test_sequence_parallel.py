@@ -210,3 +210,41 @@ def test_full_layers_document_mask_equals_transformers_and_is_shared_by_the_laye
     other = torch.cat([torch.arange(6), torch.arange(9)])[None]
     assert not torch.equal(_packed_causal_mask(other), ours)
     assert _packed_causal_mask(torch.arange(15)[None]) is None  # one document: plain causal (is_causal)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_tiled_mlps_give_the_same_gradients(mode):
+    """DeepSpeed's TiledMLP on every layer (333 tokens in tiles of 50, the last one short): the same loss
+    gradient for every trainable parameter as the untiled model."""
+    import copy
+
+    from lt_train.models import tiny_model
+    from lt_train.nll import decoder_of, lm_head_loss_sum
+    from lt_train.sequence_parallel import tile_mlps
+
+    a = tiny_model("qwen2").train()
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        a = get_peft_model(a, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                         target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"]))
+    b = copy.deepcopy(a)
+    assert tile_mlps(b, tile_tokens=50) == 4
+    x = torch.randint(3, 128, (1, 333))
+    for m in (a, b):
+        lm_head_loss_sum(m, decoder_of(m)(input_ids=x).last_hidden_state, x).backward()
+    pairs = [(p, q) for p, q in zip(b.parameters(), a.parameters()) if q.requires_grad]
+    assert pairs and all(p.grad is not None for p, _ in pairs)
+    for p, q in pairs:
+        assert float((p.grad - q.grad).norm() / q.grad.norm()) < 1e-5
+
+
+@pytest.mark.slow
+def test_tiled_mlp_run_under_zero3_and_ulysses_equals_one_process(tmp_path, tiny_ckpt):
+    common = [f"model={tiny_ckpt}", "train=full", "train.max_steps=2", "train.save_every=0",
+              "validation.enabled=false", "train.lr=1e-3", "train.global_batch=2"]
+    assert run_train(tmp_path / "plain", common).returncode == 0
+    sp = run_train(tmp_path / "sp", common + ["deepspeed=zero3", "train.sequence_parallel=2", "train.tiled_mlp=true"],
+                   nproc=2)
+    assert sp.returncode == 0, sp.stdout[-3000:] + sp.stderr[-3000:]
+    _same_steps(tmp_path / "plain", tmp_path / "sp")

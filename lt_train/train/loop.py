@@ -265,6 +265,8 @@ def train(cfg) -> dict:
     model.train()
     n_sp = int(tr.get("sequence_parallel", 1))
     sp = sequence_parallel.enable(model, n_sp)  # after the evaluations: they run whole rows on one rank
+    if tr.get("tiled_mlp"):
+        sequence_parallel.tile_mlps(model)
     lengths = [len(e.input_ids) for e in train_enc]
     rows = plan_rows(lengths, tr.pack_length, seed, int(tr.epochs or 1))
     per_step = grad_accum * world_size
