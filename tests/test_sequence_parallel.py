@@ -9,8 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import train_helpers
-from train_helpers import ROOT, losses, run_train
+from train_helpers import ROOT, learns_and_resumes_exactly, run_train
 
 WORKER = os.path.join(ROOT, "tests", "sp_worker.py")
 
@@ -114,20 +113,7 @@ def test_two_way_sequence_times_two_way_data_parallel(tmp_path, tiny_ckpt, stage
 def test_sequence_parallel_run_learns_exports_and_resumes_exactly(tmp_path):
     args = ["deepspeed=zero2", "train=full", "train.lr=1e-3", "train.max_steps=6", "train.save_every=2",
             "train.sequence_parallel=2"]
-    a = run_train(tmp_path / "a", args, nproc=2)
-    assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]
-    la = losses(tmp_path / "a")
-    assert la[6] < la[1]
-    summary = json.loads((tmp_path / "a" / "summary.json").read_text())  # rank 0 evaluates, unsharded
-    assert summary["results"]["hybrid, after"]["heldout_nll"] < summary["results"]["hybrid, before"]["heldout_nll"]
-    killed = run_train(tmp_path / "b", args + ["validation.enabled=false", "train.exit_after_step=5"], nproc=2)
-    assert killed.returncode != 0
-    resumed = run_train(tmp_path / "b", args + ["validation.enabled=false"], nproc=2)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
-    lb = losses(tmp_path / "b")
-    for step in (5, 6):
-        assert lb[step] == pytest.approx(la[step], rel=1e-5, abs=1e-6)
+    learns_and_resumes_exactly(tmp_path, args, nproc=2)  # rank 0 evaluates, unsharded
 
 
 # ---------------------------------------------------------------------------------------------------------

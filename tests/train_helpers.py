@@ -29,3 +29,26 @@ def losses(out_dir) -> dict[int, float]:
             r = json.loads(line)
             out[r["step"]] = r["loss"]
     return out
+
+
+def learns_and_resumes_exactly(tmp_path, args, nproc=1):
+    """Run `args` for 6 steps in tmp_path/a (the loss falls, training lowers the held-out NLL), then again in
+    tmp_path/b stopped abruptly after step 5 and resumed: steps 5 and 6 repeat run a's losses."""
+    import pytest
+
+    a = run_train(tmp_path / "a", args, nproc=nproc)
+    assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]
+    la = losses(tmp_path / "a")
+    assert la[6] < la[1]
+    with open(os.path.join(tmp_path, "a", "summary.json"), encoding="utf-8") as f:
+        results = json.load(f)["results"]
+    assert results["hybrid, after"]["heldout_nll"] < results["hybrid, before"]["heldout_nll"]
+    killed = run_train(tmp_path / "b", list(args) + ["validation.enabled=false", "train.exit_after_step=5"],
+                       nproc=nproc)
+    assert killed.returncode != 0
+    resumed = run_train(tmp_path / "b", list(args) + ["validation.enabled=false"], nproc=nproc)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    lb = losses(tmp_path / "b")
+    for step in (5, 6):
+        assert lb[step] == pytest.approx(la[step], rel=1e-5, abs=1e-6)
