@@ -19,8 +19,9 @@ def _targets(hidden: torch.Tensor, labels: torch.Tensor, shifted: bool):
 def lm_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024,
                      shifted: bool = False) -> torch.Tensor:
     """Sum of next-token cross-entropies for decoder states `hidden` [B, T, H] and `labels` [B, T] (-100
-    ignored; `shifted`: labels[t] is the target of state t). With gradients, each chunk is checkpointed so that its logits are not kept for backward (under
-    ZeRO-3 use `zero3_head_loss_sum`: re-running the head in backward would meet its weight partitioned again)."""
+    ignored; `shifted`: labels[t] is the target of state t). With gradients, each chunk is checkpointed so that
+    its logits are not kept for backward (under ZeRO-3 use `zero3_head_loss_sum`: re-running the head in backward
+    would meet its weight partitioned again)."""
     head = model.get_output_embeddings()
     hidden, targets = _targets(hidden, labels, shifted)
 

@@ -222,7 +222,8 @@ def train(cfg) -> dict:
 
     tr = cfg.train
     grad_accum = int(tr.global_batch) // world_size if tr.get("global_batch") else int(tr.grad_accum)
-    ds_config = deepspeed_config(cfg.deepspeed, tr, grad_accum, int(tr.get("sequence_parallel", 1))) if use_ds else None
+    n_sp = int(tr.get("sequence_parallel", 1))  # processes sharing each row (Ulysses)
+    ds_config = deepspeed_config(cfg.deepspeed, tr, grad_accum, n_sp) if use_ds else None
     zero3 = use_ds and int(cfg.deepspeed.stage) == 3
     hf_ds = _partitioned_loading(ds_config) if zero3 else None  # alive until the engine exists (weakref in HF)
     model, tok = load_from_config(cfg.model)  # under ZeRO-3: built inside zero.Init, each rank its partition
@@ -263,7 +264,6 @@ def train(cfg) -> dict:
 
     model = _wrap_trainable(cfg, model)
     model.train()
-    n_sp = int(tr.get("sequence_parallel", 1))
     sp = sequence_parallel.enable(model, n_sp)  # after the evaluations: they run whole rows on one rank
     if tr.get("tiled_mlp"):
         sequence_parallel.tile_mlps(model)
