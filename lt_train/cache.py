@@ -14,6 +14,8 @@ import torch
 import transformers
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
+from .hybrid_config import HybridConfig
+
 MIN_TRANSFORMERS = (5, 24)
 
 
@@ -176,16 +178,6 @@ class StreamingLayer(CacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.pos, self.idx))
 
 
-def make_cache(config) -> Cache:
-    """The cache `generate()` of a converted model uses: static lazy layers, or online selection."""
-    from .hybrid import HybridConfig
-
-    hc = HybridConfig.from_model_config(config)
-    if hc.online_num_lazy is not None:
-        return OnlineHybridCache(config, hc.online_num_lazy, hc.sink_tokens, hc.window, hc.last_queries)
-    return HybridCache(config)
-
-
 def _layer_nbytes(layer) -> int:
     if isinstance(layer, StreamingLayer):
         return layer.nbytes()
@@ -201,17 +193,6 @@ def cache_nbytes(cache) -> int:
     return max(now, getattr(cache, "peak_nbytes", 0))
 
 
-def new_cache(model) -> Cache:
-    """A fresh cache for `model.generate(cache=...)`: the hybrid cache of a converted model, else the
-    default dynamic cache. Passing it in lets the caller read its size afterwards."""
-    from .hybrid import CONFIG_KEY
-
-    config = model.config
-    if getattr(config.get_text_config(decoder=True), CONFIG_KEY, None) is not None:
-        return make_cache(config)
-    return DynamicCache(config=config)
-
-
 class HybridCache(Cache):
     """Per-layer cache of a hybrid model: the model's own layers for full layers, `StreamingLayer` for lazy ones.
 
@@ -219,8 +200,6 @@ class HybridCache(Cache):
 
     def __init__(self, config, lazy_layers: list[int] | None = None, sink_tokens: int | None = None,
                  window: int | None = None):
-        from .hybrid import HybridConfig
-
         hc = HybridConfig.from_model_config(config) if lazy_layers is None else None
         lazy = set(lazy_layers if lazy_layers is not None else hc.lazy_layers)
         S = sink_tokens if sink_tokens is not None else hc.sink_tokens
@@ -241,61 +220,3 @@ class HybridCache(Cache):
         lazy = sum(_layer_nbytes(x) for x in self.layers if isinstance(x, StreamingLayer))
         full = sum(_layer_nbytes(x) for x in self.layers if not isinstance(x, StreamingLayer))
         return {"total": full + lazy, "full": full, "lazy": lazy}
-
-
-ONLINE = "lt_online"  # key under which OnlineHybridCache hands itself to the attention function
-
-
-class OnlineHybridCache(HybridCache):
-    """LightTransfer-Test: lazy layers chosen on the fly during prefill, from the prompt itself.
-
-    Prefill runs full attention in every layer. After each layer's attention, its lazy ratio on the prompt
-    (see `lt_train.lazy.layer_lazy_ratio`, averaged over the batch) enters a priority queue of the layers that
-    still hold a full cache; whenever that queue holds more than `num_full` layers, the laziest one is
-    declared lazy and its cache is compressed at once to S sinks + W-1 recent tokens. So at most
-    `num_full + 1` full caches are alive at any time. Decoding then streams in the chosen layers."""
-
-    def __init__(self, config, num_lazy: int | float, sink_tokens: int = 4, window: int = 1020,
-                 last_queries: int = 64):
-        from .lazy import resolve_num_lazy
-
-        super().__init__(config, lazy_layers=[], sink_tokens=sink_tokens, window=window)
-        self.num_layers = len(self.layers)
-        self.num_full = self.num_layers - resolve_num_lazy(num_lazy, self.num_layers)
-        self.sink, self.window, self.last_queries = sink_tokens, window, last_queries
-        self.selecting = True
-        self.ratios: dict[int, float] = {}
-        self.lazy_layers: list[int] = []
-        self._queue: list[tuple[float, int]] = []  # (-ratio, layer): a max-heap on the ratio
-        self.peak_nbytes = 0
-        self.max_full_alive = 0
-
-    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if self.selecting and isinstance(kwargs.get("kwargs"), dict):
-            kwargs["kwargs"][ONLINE] = self
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-    def observe(self, layer_idx: int, query, key, valid, position_ids, scaling) -> None:
-        """Called by the attention function right after layer `layer_idx` attended over the prompt."""
-        import heapq
-
-        from .lazy import layer_lazy_ratio
-
-        ratio = layer_lazy_ratio(query, key, valid, self.sink, self.window, self.last_queries, scaling).mean()
-        self.ratios[layer_idx] = float(ratio)
-        heapq.heappush(self._queue, (-float(ratio), layer_idx))
-        self.max_full_alive = max(self.max_full_alive, len(self._queue))
-        self.peak_nbytes = max(self.peak_nbytes, self.nbytes()["total"])
-        while len(self._queue) > self.num_full:
-            _, lazy = heapq.heappop(self._queue)
-            self._compress(lazy, position_ids)
-        if len(self.ratios) == self.num_layers:
-            self.selecting = False
-
-    def _compress(self, layer_idx: int, position_ids) -> None:
-        full = self.layers[layer_idx]
-        s = StreamingLayer(self.sink, self.window)
-        B, q = full.keys.shape[0], full.keys.shape[2]
-        s.update(full.keys, full.values, kwargs={"position_ids": position_ids.expand(B, q)})
-        self.layers[layer_idx] = s
-        self.lazy_layers = sorted(self.lazy_layers + [layer_idx])

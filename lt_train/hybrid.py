@@ -10,77 +10,26 @@ The settings live in `model.config.lt_hybrid`, so `save_pretrained` + `load_hybr
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 import types
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .attention import BACKENDS, check_backend, positional_streaming_sdpa, streaming_attention
-from .cache import INVALID_POS, KV_META, ONLINE, contiguous_validity, make_cache
+from .attention import check_backend, positional_streaming_sdpa, streaming_attention
+from .cache import INVALID_POS, KV_META, HybridCache, contiguous_validity
+from .hybrid_config import CONFIG_KEY, HybridConfig
+from .online import ONLINE, OnlineHybridCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
-CONFIG_KEY = "lt_hybrid"
 IMPL_PREFIX = "lt_hybrid_"
 # set on attention modules by sequence_parallel.enable: their calls see whole rows with gathered position ids
 SEQUENCE_PARALLEL = "lt_sequence_parallel"
-
-
-@dataclass
-class HybridConfig:
-    """Which layers are lazy and how their streaming attention looks (paper defaults: S=4, W=1020)."""
-
-    lazy_layers: list[int] = field(default_factory=list)
-    sink_tokens: int = 4
-    window: int = 1020
-    backend: str = "auto"
-    # LightTransfer-Test: choose this many (or this fraction of) layers during each prefill instead
-    online_num_lazy: int | float | None = None
-    last_queries: int = 64  # queries whose attention decides online selection
-
-    def validate(self, num_layers: int | None = None) -> None:
-        if self.sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1 (the query itself counts), got {self.window}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
-        bad = [i for i in self.lazy_layers if not isinstance(i, int) or isinstance(i, bool)]
-        if bad:
-            raise ValueError(f"lazy_layers must be integers, got {bad}")
-        dup = sorted({i for i in self.lazy_layers if self.lazy_layers.count(i) > 1})
-        if dup:
-            raise ValueError(f"lazy_layers has repeated indices {dup}")
-        if self.online_num_lazy is not None and self.lazy_layers:
-            raise ValueError("give either lazy_layers (chosen offline) or online_num_lazy (chosen during "
-                             "prefill), not both")
-        if self.last_queries < 1:
-            raise ValueError(f"last_queries must be >= 1, got {self.last_queries}")
-        if num_layers is not None and self.online_num_lazy is not None:
-            from .lazy import resolve_num_lazy
-
-            resolve_num_lazy(self.online_num_lazy, num_layers)
-        if num_layers is not None:
-            out = [i for i in self.lazy_layers if not 0 <= i < num_layers]
-            if out:
-                raise ValueError(f"lazy layer indices {out} out of range for a model with {num_layers} layers "
-                                 f"(valid: 0..{num_layers - 1})")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_model_config(cls, config) -> "HybridConfig":
-        data = getattr(config.get_text_config(decoder=True), CONFIG_KEY, None)
-        if data is None:
-            raise ValueError("this model config has no hybrid settings; call convert_to_hybrid first")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -244,6 +193,27 @@ def _register(base: str) -> str:
         AttentionInterface.register(name, _make_attention(base))
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Caches of a converted model
+
+
+def make_cache(config) -> Cache:
+    """The cache `generate()` of a converted model uses: static lazy layers, or online selection."""
+    hc = HybridConfig.from_model_config(config)
+    if hc.online_num_lazy is not None:
+        return OnlineHybridCache(config, hc.online_num_lazy, hc.sink_tokens, hc.window, hc.last_queries)
+    return HybridCache(config)
+
+
+def new_cache(model) -> Cache:
+    """A fresh cache for `model.generate(cache=...)`: the hybrid cache of a converted model, else the
+    default dynamic cache. Passing it in lets the caller read its size afterwards."""
+    config = model.config
+    if getattr(config.get_text_config(decoder=True), CONFIG_KEY, None) is not None:
+        return make_cache(config)
+    return DynamicCache(config=config)
 
 
 # ---------------------------------------------------------------------------------------------------------

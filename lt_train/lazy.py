@@ -18,50 +18,11 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from .distributed import all_reduce_tensor, group
+from .lazy_ratio import layer_lazy_ratio, resolve_num_lazy  # noqa: F401 -- part of this module's interface
 from .nll import decoder_of
 
 STRATEGIES = ("default", "nll", "ratio", "frequency", "random", "first", "last", "pyramid")
 DEFAULT_STRATEGY = "nll"  # measured best on SmolLM2 (README, benchmarks/selection_quality.py)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Lazy ratio of one layer from its queries and keys
-
-
-def layer_lazy_ratio(q, k, valid, sink: int, recent: int, last_queries: int, scale: float | None = None):
-    """Per-head lazy ratio [B, Hq] for queries q [B, Hq, T, D] and keys k [B, Hkv, T, D] (after RoPE).
-
-    `valid` [B, T] marks real tokens (any padding pattern); positions count real tokens only. The last
-    `last_queries` real queries of each row are used; rows with fewer real tokens use all of theirs."""
-    B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
-    rep = Hq // Hkv
-    scale = scale if scale is not None else 1.0 / math.sqrt(D)
-    pos = valid.long().cumsum(-1) - 1  # position of each real token
-    n_real = valid.sum(-1)  # [B]
-    nq = min(last_queries, T)
-    # index of the r-th of the last nq real tokens of each row
-    want = (n_real[:, None] - nq + torch.arange(nq, device=q.device)).clamp(min=0)  # positions
-    q_valid = (n_real[:, None] - nq + torch.arange(nq, device=q.device)) >= 0
-    match = (pos[:, None, :] == want[:, :, None]) & valid[:, None, :]  # [B, nq, T]
-    qi = match.float().argmax(-1)  # [B, nq] cache index of those queries
-    qs = q.gather(2, qi[:, None, :, None].expand(B, Hq, nq, D))  # [B, Hq, nq, D]
-    # GQA without expanding K: fold the query heads of one KV head into the query axis
-    qs = qs.view(B, Hkv, rep * nq, D).float()
-    scores = torch.matmul(qs, k.float().transpose(-1, -2)) * scale  # [B, Hkv, rep*nq, T]
-    scores = scores.view(B, Hkv, rep, nq, T)
-    kp = pos[:, None, :]  # [B, 1, T]
-    qp = want[:, :, None]  # [B, nq, 1]
-    j = torch.arange(T, device=q.device)
-    allowed = valid[:, None, :] & (j[None, None, :] <= qi[:, :, None])  # causal + real keys
-    selected = allowed & ((kp < sink) | (qp - kp < recent))
-    ninf = float("-inf")
-    lse_all = scores.masked_fill(~allowed[:, None, None], ninf).logsumexp(-1)
-    lse_sel = scores.masked_fill(~selected[:, None, None], ninf).logsumexp(-1)
-    ratio = torch.exp(lse_sel - lse_all).nan_to_num(0.0)  # [B, Hkv, rep, nq]
-    w = q_valid[:, None, None, :].float()
-    per_head = (ratio * w).sum(-1) / w.sum(-1).clamp(min=1)
-    return per_head.reshape(B, Hq)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -131,18 +92,6 @@ def lazy_ratios(model, input_ids, sink_tokens: int = 4, recent_tokens: int = 102
 # Selection
 
 
-def resolve_num_lazy(num_lazy: int | float, num_layers: int) -> int:
-    """A count (int, or a whole float above 1 as Hydra may give) or a fraction of the layers in (0, 1]."""
-    if isinstance(num_lazy, bool) or not isinstance(num_lazy, (int, float)):
-        raise ValueError(f"num_lazy must be a count or a fraction, got {num_lazy!r}")
-    if isinstance(num_lazy, float) and not (num_lazy > 1 and num_lazy.is_integer()):
-        if not 0.0 < num_lazy <= 1.0:
-            raise ValueError(f"num_lazy as a fraction must be in (0, 1], got {num_lazy}")
-        return max(1, round(num_lazy * num_layers))
-    n = int(num_lazy)
-    if not 0 <= n <= num_layers:
-        raise ValueError(f"num_lazy={n} is out of range for a model with {num_layers} layers (0..{num_layers})")
-    return n
 
 
 def pyramid_layers(num_layers: int, n: int) -> list[int]:

@@ -431,7 +431,7 @@ def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> 
         raise ValueError(f"train.lora.target_modules {list(lora.get('target_modules', []))} match no linear layer")
 
     # streaming layers and their backend as the trainer will run them
-    from .lazy import resolve_num_lazy
+    from .lazy_ratio import resolve_num_lazy
 
     explicit = lz.get("layers")
     n_lazy = len(explicit) if explicit is not None else resolve_num_lazy(lz.get("num_lazy", 0.5), L)

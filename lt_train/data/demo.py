@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from .sources import Example
+from .example import Example
 
 _OPS = ("add", "subtract", "multiply by")
 

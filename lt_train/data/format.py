@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sources import Example
+from .example import Example
 
 
 @dataclass

@@ -9,14 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-
-@dataclass
-class Example:
-    question: str
-    response: str
-    system: str | None = None
-    answer: str | None = None
-    id: str | None = None
+from .example import Example
 
 
 @dataclass

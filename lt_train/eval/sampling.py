@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..cache import cache_nbytes, new_cache
+from ..cache import cache_nbytes
+from ..hybrid import new_cache
 
 log = logging.getLogger(__name__)
 
