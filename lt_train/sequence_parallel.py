@@ -11,7 +11,9 @@ What DeepSpeed provides and this module only drives:
   (`lt_hybrid_<base>`) and builds the process groups (the `mpu` handed to `deepspeed.initialize`);
 - `UlyssesSPDataLoaderAdapter`: the row of each process of a group is shared out as N shards, with labels
   shifted before sharding (`shift_labels`) so no target is lost at a shard boundary;
-- the ZeRO engines, which average gradients over the data-parallel degree (world size / N).
+- the ZeRO engines, which sum gradients over all ranks and divide by the data-parallel degree (ZeRO-1/2) or by
+  the world size (ZeRO-3): `train.engine.DeepSpeedEngine.gradient_divisor`;
+- `TiledMLP` (`tile_mlps`), for the MLPs' intermediates at long lengths.
 
 Rows are padded to a multiple of N (the padding is one more loss-free document), never refused.
 """
@@ -35,12 +37,6 @@ class SPGroup:
     rank: int  # this process's index inside its group (its shard)
     group: object  # the torch.distributed group
     mpu: object  # DeepSpeed's parallel-state module, for deepspeed.initialize(mpu=...)
-
-    @property
-    def data_parallel(self) -> int:
-        import torch.distributed as dist
-
-        return dist.get_world_size() // self.size
 
 
 def check(n: int, world_size: int, text_config, base_attention: str | None, pack_length: int,
