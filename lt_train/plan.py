@@ -108,10 +108,11 @@ class MemoryPlan:
         hw, s = self.hardware, self.settings
         where = (f"{hw.nodes} node(s) x {hw.gpus} GPU(s) of {hw.gpu_memory_gb:g} GB" if hw.gpus
                  else f"CPU, {hw.processes} process(es)" + (f", {hw.host_memory_gb:g} GB host" if hw.host_memory_gb else ""))
+        n_sp = s.get("sequence_parallel", 1)
+        shared = f" over {n_sp} sequence-parallel processes" if n_sp > 1 else ""
         lines = [f"memory plan: {s['model']} ({s['params'] / 1e9:.2f}B params, {s['trainable'] / 1e6:.1f}M trainable), "
                  f"{s['mode']}, ZeRO-{s['zero_stage']}{' + optimizer offload' if s['offload_optimizer'] else ''}"
-                 f"{' + param offload' if s['offload_param'] else ''}, {s['dtype']}, T={s['tokens']}"
-                 f"{' over ' + str(s['sequence_parallel']) + ' sequence-parallel processes' if s.get('sequence_parallel', 1) > 1 else ''}, "
+                 f"{' + param offload' if s['offload_param'] else ''}, {s['dtype']}, T={s['tokens']}{shared}, "
                  f"{s['lazy_layers']}/{s['layers']} lazy ({s['streaming_backend']}), gradient checkpointing "
                  f"{'on' if s['gradient_checkpointing'] else 'off'}, on {where}",
                  f"{'per GPU' if hw.gpus else 'per process'}:"]
