@@ -514,7 +514,7 @@ def decode_prompt(run: Run, sz: dict, dev, model, prompt: int) -> None:
     makers = {
         "full_static": (None, lambda: StaticCache(config=model.config, max_cache_len=prompt + WARM_STEPS + max(new, 8))),
         "full_dynamic": (None, lambda: DynamicCache(config=model.config)),
-        "hybrid": (hc, lambda: HybridCache(model.config)),
+        "hybrid": (hc, lambda: HybridCache(model.config, max_cache_len=prompt + WARM_STEPS + max(new, 8))),
     }
     results: dict[str, dict] = {}
     first_logits: dict[str, torch.Tensor] = {}

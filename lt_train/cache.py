@@ -1,9 +1,12 @@
-"""Hybrid KV cache: full layers grow as usual, lazy (streaming) layers keep S sinks + the last W-1 tokens.
+"""Hybrid KV cache: full layers in preallocated buffers, lazy (streaming) layers keep S sinks + the last W tokens.
 
-`StreamingLayer` is a transformers `CacheLayerMixin` with a fixed buffer of S + W - 1 slots per row:
+`FullLayer` writes each step's tokens in place into a buffer sized once (or grown in large steps), so a decode
+step does not copy the whole history as transformers' `DynamicLayer` does.
+
+`StreamingLayer` is a transformers `CacheLayerMixin` with a fixed buffer of S + W slots per row:
 - slots [0, S): the sink tokens, slot s holding the token whose position id is s;
-- slots [S, S + W - 1): a ring indexed by cache index, holding the most recent tokens (those with a
-  position id below S are marked invalid there, since they live in the sink slots).
+- slots [S, S + W): a ring indexed by cache index, holding the W most recent tokens (tokens with a position
+  id below S sit there too while the ring has not wrapped; the general path counts them once, as sinks).
 Keys are cached after RoPE, so the order of slots does not matter: the attention mask is computed from the
 position id, cache index and validity stored beside each slot. These travel to the attention function
 through the `kwargs` dict that transformers hands to `Cache.update` and then to the attention interface.
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import torch
 import transformers
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
 from .hybrid_config import HybridConfig
 
@@ -49,19 +52,122 @@ def contiguous_validity(pos: torch.Tensor) -> torch.Tensor:
     return (pos == expected) & (expected >= 0)
 
 
+class FullLayer(CacheLayerMixin):
+    """A full layer's cache in a preallocated buffer: each step writes its tokens in place and attention reads a
+    view of the filled part, so no step copies the whole history (transformers' `DynamicLayer` does, by
+    `torch.cat`). Sized from `max_cache_len` when the caller knows it (generate, the evaluator), else grown by an
+    eighth (at least `MIN_GROW` tokens) at a time, which amortises the copies to a few tokens per step."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+    MIN_GROW = 256
+
+    def __init__(self, max_cache_len: int | None = None, **kwargs):
+        super().__init__()
+        self.max_cache_len = max_cache_len
+        self.seen = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self._k = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[3])
+        self._v = value_states.new_empty(*value_states.shape[:2], 0, value_states.shape[3])
+        self._views()
+        self.is_initialized = True
+
+    def _views(self) -> None:
+        self.keys, self.values = self._k[:, :, : self.seen], self._v[:, :, : self.seen]
+
+    def _reserve(self, tokens: int) -> None:
+        cap = self._k.shape[2]
+        if tokens <= cap:
+            return
+        new = tokens if cap == 0 else max(tokens, cap + max(self.MIN_GROW, cap // 8))
+        if self.max_cache_len is not None and tokens <= self.max_cache_len:
+            new = max(tokens, min(new, self.max_cache_len)) if cap else self.max_cache_len
+        k = self._k.new_empty(*self._k.shape[:2], new, self._k.shape[3])
+        v = self._v.new_empty(*self._v.shape[:2], new, self._v.shape[3])
+        k[:, :, : self.seen] = self._k[:, :, : self.seen]
+        v[:, :, : self.seen] = self._v[:, :, : self.seen]
+        self._k, self._v = k, v
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[2]
+        self._reserve(self.seen + q)
+        self._k[:, :, self.seen : self.seen + q] = key_states
+        self._v[:, :, self.seen : self.seen + q] = value_states
+        self.seen += q
+        self._views()
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        if self.is_initialized and tokens_to_remove:
+            self.seen = max(0, self.seen + tokens_to_remove)
+            self._views()
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.seen = 0
+
+    def _select(self, fn) -> None:
+        if self.is_initialized:
+            self._k, self._v = fn(self._k[:, :, : self.seen]), fn(self._v[:, :, : self.seen])
+            self._views()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(lambda x: x[indices.to(x.device)])
+
+    def nbytes(self) -> int:
+        """Bytes allocated (the whole buffer, not only the filled part)."""
+        if not self.is_initialized:
+            return 0
+        return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
+
+
 class StreamingLayer(CacheLayerMixin):
-    """Constant-size cache for one lazy layer: S sinks + a ring of W - 1 recent tokens."""
+    """Constant-size cache for one lazy layer: S sinks + a ring of the W most recent tokens.
+
+    A decode step (one new token per row) writes its token into the ring first, over the token that just left
+    the window, and attends over the buffer as it stands, with no mask when every slot holds a token in view
+    (the common case once the ring has wrapped) and with only the ring while it has not wrapped (then it holds
+    every token, and the layer costs what a full one does). Host-side flags (`sinks_full`, `last_odd`) say when
+    that holds without a device sync per step. Other calls (prefill, chunks of several tokens) go through the
+    general path: buffer + new tokens with their position metadata."""
 
     is_sliding = True  # so transformers sizes the shared mask from a full layer
     is_compileable = False
     is_croppable = False
-    GROW = 64  # slots added at a time while the sequence is shorter than S + W - 1 (a copy per 64 tokens)
+    GROW = 64  # slots added at a time while the sequence is shorter than S + W (a copy per 64 tokens)
 
-    def __init__(self, sink_tokens: int, window: int, **kwargs):
+    def __init__(self, sink_tokens: int, window: int, max_cache_len: int | None = None, **kwargs):
         super().__init__()
         self.sink = sink_tokens
-        self.ring = window - 1
+        self.ring = window
+        self.max_cache_len = max_cache_len  # a known sequence length caps the buffer below S + W
         self.seen = 0  # tokens seen so far (the sequence length, not the buffer size)
+        self.sinks_full = False  # every row's S sink slots hold its first S tokens
+        self.last_pad = -1  # largest cache index of a padding token stored (-1: none)
+        self.last_odd = -1  # largest cache index of a token that is not a valid ring entry (padding, position < S)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
@@ -74,26 +180,36 @@ class StreamingLayer(CacheLayerMixin):
 
     def _grow(self, tokens: int) -> None:
         """Room for `tokens` tokens seen in all. Until the ring wraps, token i sits in slot S + i, so a short
-        sequence needs only S + i slots: the buffer grows in steps of GROW slots up to S + W - 1, and a
-        lazy layer never holds more than a full one would (beyond one step)."""
+        sequence needs only S + i slots: the buffer grows in steps of GROW slots up to S + W, and a lazy layer
+        never holds more than a full one would (beyond one step)."""
         cap = self.keys.shape[2]
         need = self.sink + min(self.ring, tokens)
         if need <= cap:
             return
         new = min(self.sink + self.ring, self.sink + -(-(need - self.sink) // self.GROW) * self.GROW)
+        if self.max_cache_len is not None:
+            new = max(need, min(new, self.sink + self.max_cache_len))
         self.keys = torch.cat([self.keys, self.keys.new_zeros(*self.keys.shape[:2], new - cap, self.keys.shape[3])], 2)
         self.values = torch.cat(
             [self.values, self.values.new_zeros(*self.values.shape[:2], new - cap, self.values.shape[3])], 2)
         self.pos = torch.cat([self.pos, self.pos.new_full((self.pos.shape[0], new - cap), INVALID_POS)], 1)
         self.idx = torch.cat([self.idx, self.idx.new_full((self.idx.shape[0], new - cap), -1)], 1)
 
+    def _slot_validity(self) -> torch.Tensor:
+        """[B, slots]: slots that hold a token the general path may attend to (ring entries of the first S
+        positions are copies of the sinks: those count once, in the sink slots)."""
+        ring = torch.arange(self.pos.shape[1], device=self.pos.device) >= self.sink
+        return (self.pos != INVALID_POS) & ~(ring & (self.pos < self.sink))
+
     def update(self, key_states, value_states, *args, kwargs: dict | None = None, **_):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         B, _, q, _ = key_states.shape
         dev = key_states.device
-        new_idx = (self.seen + torch.arange(q, device=dev)).expand(B, q)
         pos = kwargs.get("position_ids") if kwargs is not None else None
+        if q == 1 and self.seen > 0 and self.sinks_full:
+            return self._decode_step(key_states, value_states, pos, kwargs)
+        new_idx = (self.seen + torch.arange(q, device=dev)).expand(B, q)
         new_pos = pos.expand(B, q).to(dev) if pos is not None else new_idx
         valid = contiguous_validity(new_pos)
 
@@ -106,13 +222,40 @@ class StreamingLayer(CacheLayerMixin):
                 kwargs[KV_META] = {
                     "pos": torch.cat([self.pos, torch.where(valid, new_pos, INVALID_POS)], dim=1),
                     "idx": torch.cat([self.idx, new_idx], dim=1),
+                    "valid": torch.cat([self._slot_validity(), valid], dim=1),
                     "sink": self.sink,
-                    "window": self.ring + 1,
+                    "window": self.ring,
                 }
         self._grow(self.seen + q)
         self._store(key_states, value_states, new_pos, new_idx, valid)
         self.seen += q
         return out_k, out_v
+
+    def _decode_step(self, k, v, pos, kwargs):
+        """One token per row, every row's sinks already filled (so the token's position is >= S): write it into
+        its ring slot, then hand the attention the slots in view."""
+        S, W, t = self.sink, self.ring, self.seen
+        self._grow(t + 1)
+        slot = S + t % W
+        self.keys[:, :, slot : slot + 1] = k
+        self.values[:, :, slot : slot + 1] = v
+        if pos is not None:
+            self.pos[:, slot : slot + 1] = pos.to(self.pos.device)
+        else:
+            self.pos[:, slot] = t
+        self.idx[:, slot] = t
+        self.seen = t + 1
+        if t < W:  # the ring has not wrapped: it holds tokens 0..t in slots S..S+t, i.e. every token
+            lo, hi = S, S + t + 1
+            valid = None if self.last_pad < 0 else (self.pos[:, lo:hi] != INVALID_POS)
+            idx = None  # slot S + i holds cache index i: the attention mask applies as it is
+        else:  # the ring holds tokens t-W+1..t, all in view; sinks before them
+            lo, hi = 0, S + W
+            valid = None if self.last_odd <= t - W else self._slot_validity()
+            idx = self.idx
+        if kwargs is not None:
+            kwargs[KV_META] = {"decode": True, "valid": valid, "idx": idx, "sink": S, "window": W}
+        return self.keys[:, :, lo:hi], self.values[:, :, lo:hi]
 
     def _store(self, k, v, pos, idx, valid) -> None:
         B, _, q, _ = k.shape
@@ -131,11 +274,19 @@ class StreamingLayer(CacheLayerMixin):
         if R > 0:
             n = min(q, R)
             slots = S + (idx[0, q - n :] % R)
-            keep_pos = torch.where(valid & (pos >= S), pos, INVALID_POS)[:, q - n :]
+            # tokens of the first S positions also stay in the ring (a short sequence attends over the ring
+            # alone); `_slot_validity` keeps the general path from counting them twice
+            keep_pos = torch.where(valid, pos, INVALID_POS)[:, q - n :]
             self.keys.index_copy_(2, slots, k[:, :, q - n :])
             self.values.index_copy_(2, slots, v[:, :, q - n :])
             self.pos.index_copy_(1, slots, keep_pos)
             self.idx.index_copy_(1, slots, idx[:, q - n :])
+        # host-side flags for the decode fast path (a device sync, once per call of several tokens)
+        self.sinks_full = bool((self.pos[:, :S] != INVALID_POS).all()) if S > 0 else True
+        pad_idx = torch.where(valid, -1, idx)
+        odd_idx = torch.where(valid & (pos >= S), -1, idx)
+        self.last_pad = max(self.last_pad, int(pad_idx.max()))
+        self.last_odd = max(self.last_odd, int(odd_idx.max()))
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # The full-length mask: the attention looks slots up in it by cache index.
@@ -151,6 +302,7 @@ class StreamingLayer(CacheLayerMixin):
         self.keys = self.values = None
         self.is_initialized = False
         self.seen = 0
+        self.sinks_full, self.last_pad, self.last_odd = False, -1, -1
 
     def _select(self, fn) -> None:
         if self.is_initialized:
@@ -164,7 +316,7 @@ class StreamingLayer(CacheLayerMixin):
         self._select(lambda x: x.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select(lambda x: x[indices])
+        self._select(lambda x: x[indices.to(x.device)])
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -179,7 +331,7 @@ class StreamingLayer(CacheLayerMixin):
 
 
 def _layer_nbytes(layer) -> int:
-    if isinstance(layer, StreamingLayer):
+    if isinstance(layer, (StreamingLayer, FullLayer)):
         return layer.nbytes()
     if getattr(layer, "is_initialized", False) and layer.keys is not None:
         return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
@@ -194,26 +346,29 @@ def cache_nbytes(cache) -> int:
 
 
 class HybridCache(Cache):
-    """Per-layer cache of a hybrid model: the model's own layers for full layers, `StreamingLayer` for lazy ones.
+    """Per-layer cache of a hybrid model: `FullLayer` (preallocated) for full layers, `StreamingLayer` for lazy
+    ones; a layer the model config makes sliding-window keeps transformers' own sliding layer.
 
-    `generate()` of a converted model builds one automatically; build it by hand for `forward` calls."""
+    `generate()` of a converted model builds one automatically (sized from the prompt and `max_new_tokens`);
+    build it by hand for `forward` calls. `max_cache_len`: the longest sequence expected (prompt + new
+    tokens), so that full layers allocate once; without it they grow in large steps."""
 
     def __init__(self, config, lazy_layers: list[int] | None = None, sink_tokens: int | None = None,
-                 window: int | None = None):
+                 window: int | None = None, max_cache_len: int | None = None):
         hc = HybridConfig.from_model_config(config) if lazy_layers is None else None
         lazy = set(lazy_layers if lazy_layers is not None else hc.lazy_layers)
         S = sink_tokens if sink_tokens is not None else hc.sink_tokens
         W = window if window is not None else hc.window
+        self.max_cache_len = max_cache_len
         base = DynamicCache(config=config)
         n = config.get_text_config(decoder=True).num_hidden_layers
-        layers = [StreamingLayer(S, W) if i in lazy else self._full_layer(base, i) for i in range(n)]
+        layers = [StreamingLayer(S, W, max_cache_len) if i in lazy else self._full_layer(base, i) for i in range(n)]
         super().__init__(layers=layers)
 
-    @staticmethod
-    def _full_layer(base: DynamicCache, i: int):
-        from transformers.cache_utils import DynamicLayer
-
-        return base.layers[i] if i < len(base.layers) else DynamicLayer()
+    def _full_layer(self, base: DynamicCache, i: int):
+        if i < len(base.layers) and type(base.layers[i]) is not DynamicLayer:
+            return base.layers[i]  # e.g. a sliding-window layer of the model's own config
+        return FullLayer(self.max_cache_len)
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held by the cache: total, full layers, lazy layers."""

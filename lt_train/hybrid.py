@@ -16,13 +16,14 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import check_backend, positional_streaming_sdpa, streaming_attention
-from .cache import INVALID_POS, KV_META, HybridCache, contiguous_validity
+from .cache import KV_META, HybridCache, contiguous_validity
 from .hybrid_config import CONFIG_KEY, HybridConfig
 from .online import ONLINE, OnlineHybridCache
 
@@ -119,14 +120,30 @@ def _streaming_forward(module, query, key, value, attention_mask, scaling, spec:
         k_valid = k_pos >= 0
         if mask_valid is not None:
             k_valid = k_valid & mask_valid[:, -K:]
+    elif meta.get("decode"):  # HybridCache decode step: every slot it hands over is in view unless masked
+        return _decode_attention(query, key, value, mask_valid, meta, scaling)
     else:  # HybridCache streaming layer: sinks + ring + new tokens, with their metadata
         k_pos, k_idx = meta["pos"], meta["idx"]
         q_idx = k_idx[:, K - Q :]
-        k_valid = k_pos != INVALID_POS
+        k_valid = meta["valid"]
         if mask_valid is not None:
             k_valid = k_valid & mask_valid.gather(1, k_idx.clamp(0, mask_valid.shape[1] - 1))
     return positional_streaming_sdpa(query, key, value, spec.sink, spec.window, pos, k_pos, q_idx, k_idx,
                                      k_valid, scaling)
+
+
+def _decode_attention(query, key, value, mask_valid, meta, scaling):
+    """One query per row over the slots a `StreamingLayer` decode step returned (sinks + ring, or the ring
+    alone before it wraps): all in the window by construction, so the only mask is which slots hold real
+    tokens (`meta["valid"]`, None when all do) and the caller's attention mask, looked up by cache index."""
+    valid = meta["valid"]
+    if mask_valid is not None:
+        idx = meta["idx"]
+        mv = mask_valid[:, : key.shape[2]] if idx is None else mask_valid.gather(1, idx.clamp(0, mask_valid.shape[1] - 1))
+        valid = mv if valid is None else valid & mv
+    mask = None if valid is None else valid[:, None, None, :]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                          enable_gqa=query.shape[1] != key.shape[1])
 
 
 def _observe(online, module, query, key, attention_mask, kwargs, scaling) -> None:
@@ -199,20 +216,22 @@ def _register(base: str) -> str:
 # Caches of a converted model
 
 
-def make_cache(config) -> Cache:
-    """The cache `generate()` of a converted model uses: static lazy layers, or online selection."""
+def make_cache(config, max_cache_len: int | None = None) -> Cache:
+    """The cache `generate()` of a converted model uses: static lazy layers, or online selection.
+    `max_cache_len` (prompt + new tokens, when known) sizes the full layers' buffers once."""
     hc = HybridConfig.from_model_config(config)
     if hc.online_num_lazy is not None:
-        return OnlineHybridCache(config, hc.online_num_lazy, hc.sink_tokens, hc.window, hc.last_queries)
-    return HybridCache(config)
+        return OnlineHybridCache(config, hc.online_num_lazy, hc.sink_tokens, hc.window, hc.last_queries,
+                                 max_cache_len=max_cache_len)
+    return HybridCache(config, max_cache_len=max_cache_len)
 
 
-def new_cache(model) -> Cache:
+def new_cache(model, max_cache_len: int | None = None) -> Cache:
     """A fresh cache for `model.generate(cache=...)`: the hybrid cache of a converted model, else the
     default dynamic cache. Passing it in lets the caller read its size afterwards."""
     config = model.config
     if getattr(config.get_text_config(decoder=True), CONFIG_KEY, None) is not None:
-        return make_cache(config)
+        return make_cache(config, max_cache_len)
     return DynamicCache(config=config)
 
 
@@ -225,12 +244,21 @@ def attention_modules(model) -> list:
     return sorted(mods, key=lambda m: m.layer_idx)
 
 
+def _longest(args, kwargs, gen_cfg) -> int | None:
+    """Prompt + new tokens of a `generate` call, when its arguments say (else the cache grows as needed)."""
+    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    new = kwargs.get("max_new_tokens", gen_cfg.max_new_tokens)
+    if ids is None or new is None:
+        return None
+    return ids.shape[-1] + int(new)
+
+
 def _hybrid_generate(self, *args, **kwargs):
     """`generate` that builds a `HybridCache` when the caller passed no cache of their own."""
     gen_cfg = kwargs.get("generation_config") or self.generation_config
     wants_cache = kwargs.get("use_cache", gen_cfg.use_cache) is not False
     if kwargs.get("cache") is None and wants_cache and getattr(gen_cfg, "cache_implementation", None) is None:
-        kwargs["cache"] = make_cache(self.config)
+        kwargs["cache"] = make_cache(self.config, _longest(args, kwargs, gen_cfg))
     return type(self).generate(self, *args, **kwargs)
 
 

@@ -16,12 +16,12 @@ class OnlineHybridCache(HybridCache):
     Prefill runs full attention in every layer. After each layer's attention, its lazy ratio on the prompt
     (see `lt_train.lazy.layer_lazy_ratio`, averaged over the batch) enters a priority queue of the layers that
     still hold a full cache; whenever that queue holds more than `num_full` layers, the laziest one is
-    declared lazy and its cache is compressed at once to S sinks + W-1 recent tokens. So at most
+    declared lazy and its cache is compressed at once to S sinks + W recent tokens. So at most
     `num_full + 1` full caches are alive at any time. Decoding then streams in the chosen layers."""
 
     def __init__(self, config, num_lazy: int | float, sink_tokens: int = 4, window: int = 1020,
-                 last_queries: int = 64):
-        super().__init__(config, lazy_layers=[], sink_tokens=sink_tokens, window=window)
+                 last_queries: int = 64, max_cache_len: int | None = None):
+        super().__init__(config, lazy_layers=[], sink_tokens=sink_tokens, window=window, max_cache_len=max_cache_len)
         self.num_layers = len(self.layers)
         self.num_full = self.num_layers - resolve_num_lazy(num_lazy, self.num_layers)
         self.sink, self.window, self.last_queries = sink_tokens, window, last_queries
@@ -52,7 +52,7 @@ class OnlineHybridCache(HybridCache):
 
     def _compress(self, layer_idx: int, position_ids) -> None:
         full = self.layers[layer_idx]
-        s = StreamingLayer(self.sink, self.window)
+        s = StreamingLayer(self.sink, self.window, self.max_cache_len)
         B, q = full.keys.shape[0], full.keys.shape[2]
         s.update(full.keys, full.values, kwargs={"position_ids": position_ids.expand(B, q)})
         self.layers[layer_idx] = s

@@ -96,7 +96,7 @@ def test_growing_buffer_generation_is_token_identical_to_recompute(arch, monkeyp
                          eos_token_id=None, return_dict_in_generate=True)
     assert torch.equal(out.sequences, reference_greedy(ref, ids, am, 20))
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
-    assert cache.layers[LAZY[0]].keys.shape[2] == 2 + 12 - 1
+    assert cache.layers[LAZY[0]].keys.shape[2] == 2 + 12
 
 
 def test_a_short_sequence_holds_no_more_in_a_lazy_layer_than_in_a_full_one():
@@ -106,8 +106,61 @@ def test_a_short_sequence_holds_no_more_in_a_lazy_layer_than_in_a_full_one():
                          eos_token_id=None, return_dict_in_generate=True)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     lazy, full = cache.layers[LAZY[0]], cache.layers[1]
-    assert lazy.keys.shape[2] == 4 + StreamingLayer.GROW < 4 + 1020 - 1  # one growth step, not the whole window
-    assert full.keys.shape[2] == 40 + 8 - 1
+    # generate() sizes both from prompt + new tokens: the lazy layer holds the S sink slots more, not the window
+    assert lazy.keys.shape[2] == 4 + 40 + 8 < 4 + 1020
+    assert full.keys.shape[2] == 40 + 8 - 1 and full._k.shape[2] == 40 + 8  # allocated once, for every token
+
+
+def test_full_layer_keeps_every_token_and_copies_rarely():
+    """A full layer without a size hint grows in large steps: its keys equal the concatenation of all updates
+    (the reference), and 600 one-token steps reallocate a handful of times, not 600."""
+    from lt_train.cache import FullLayer
+
+    layer, ks, vs, buffers = FullLayer(), [], [], set()
+    for q in [37] + [1] * 600:
+        k, v = torch.randn(2, 3, q, 4), torch.randn(2, 3, q, 4)
+        ks.append(k)
+        vs.append(v)
+        out_k, out_v = layer.update(k, v)
+        buffers.add(layer._k.data_ptr())
+    assert torch.equal(out_k, torch.cat(ks, 2)) and torch.equal(out_v, torch.cat(vs, 2))
+    assert len(buffers) <= 4 and layer.get_seq_length() == 637
+    layer.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(layer.keys, torch.cat(ks, 2)[1:])
+    sized = FullLayer(max_cache_len=40)
+    sized.update(torch.randn(1, 1, 30, 2), torch.randn(1, 1, 30, 2))
+    ptr = sized._k.data_ptr()
+    for _ in range(10):
+        sized.update(torch.randn(1, 1, 1, 2), torch.randn(1, 1, 1, 2))
+    assert sized._k.data_ptr() == ptr and sized._k.shape[2] == 40  # allocated once, written in place
+
+
+@pytest.mark.parametrize("pads", [(0, 0, 0), (0, 3, 7)])
+def test_decode_steps_take_the_fast_path_and_match_recompute(pads, monkeypatch):
+    """Once every row's sinks are filled, a decode step attends over the slots as they stand (no position
+    metadata, no mask when all are in view): the general positional path must not run at all, and the tokens
+    must equal full recompute under the streaming mask, before and after the ring wraps."""
+    import lt_train.hybrid as hybrid
+
+    calls = []
+    general = hybrid.positional_streaming_sdpa
+    monkeypatch.setattr(hybrid, "positional_streaming_sdpa", lambda *a, **k: calls.append(1) or general(*a, **k))
+    model, ref = _pair("qwen2", sink=2, window=10)
+    ids, am = _left_padded(T=12, pads=pads)
+    out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=16, do_sample=False, pad_token_id=0,
+                         eos_token_id=None)
+    assert torch.equal(out, reference_greedy(ref, ids, am, 16))
+    assert calls == []
+
+
+def test_rows_shorter_than_the_sinks_decode_correctly():
+    """A row with fewer real tokens than S fills its sinks while decoding (the general path until they are
+    full), then the fast path takes over."""
+    model, ref = _pair("llama", sink=4, window=6)
+    ids, am = _left_padded(T=6, pads=(0, 3, 5))
+    out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=20, do_sample=False, pad_token_id=0,
+                         eos_token_id=None)
+    assert torch.equal(out, reference_greedy(ref, ids, am, 20))
 
 
 def test_generation_uses_constant_size_hybrid_cache():
@@ -125,7 +178,7 @@ def test_generation_uses_constant_size_hybrid_cache():
     assert sizes[0]["lazy"] == sizes[1]["lazy"] > 0  # constant in sequence length
     assert sizes[1]["full"] > sizes[0]["full"]  # full layers grow
     lazy_layer = cache.layers[LAZY[0]]
-    assert lazy_layer.keys.shape[2] == S + W - 1 and lazy_layer.get_seq_length() == 60 + 4 - 1  # the last token is never fed back
+    assert lazy_layer.keys.shape[2] == S + W and lazy_layer.get_seq_length() == 60 + 4 - 1  # the last token is never fed back
 
 
 def test_sampled_generation_matches_uncached_sampling():

@@ -136,7 +136,7 @@ def generate_batch(model, tokenizer, prompts: list[str], gs: GenSettings, seeds:
     B = len(prompts)
     out_tokens: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B
-    cache = new_cache(model)
+    cache = new_cache(model, max_cache_len=enc.input_ids.shape[1] + gs.max_new_tokens)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
