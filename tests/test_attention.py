@@ -44,6 +44,10 @@ CASES = [  # (B, T, sink, window, left pads per row)
     (3, 333, 4, 64, [0, 17, 120]),  # batch with left padding
     (2, 280, 128, 96, [0, 31]),  # the authors' large sink count, S > W
     (2, 260, 3, 1, [0, 5]),  # window of one: sinks and the query itself
+    (2, 280, 128, 96, [0, 0]),  # S > W without padding (causal head + streaming tail)
+    (1, 260, 3, 1, [0]),  # window of one without padding
+    (1, 700, 4, 100, [0]),  # a tail of 600 queries: three 256-query blocks, the last one partial
+    (1, 101, 4, 100, [0]),  # a tail of one query
 ]
 
 
@@ -121,3 +125,30 @@ def test_backend_errors_are_clear():
     if not flash_backend.is_available():
         with pytest.raises(ImportError, match="flash-attn"):
             check_backend("flash_attn")
+
+
+@pytest.mark.parametrize("pads", [[0, 0], [0, 40]])
+def test_streaming_backward_keeps_no_more_than_dense_causal(pads):
+    """The blocked keys and values are recomputed in backward, not kept: what autograd saves for the streaming
+    attention (inputs, output, softmax statistics) is at most what the fused dense causal kernel saves, although
+    each blocked copy is (S + block + W - 1) / block times the size of k."""
+    from lt_train.attention.sdpa import chunked_streaming_sdpa
+
+    def saved_bytes(fn):
+        q, k, v = _qkv(2, 1500)
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(q, k, v).sum()
+        for t in (q, k, v):  # the inputs are kept by the projections that made them anyway
+            seen.pop(t.untyped_storage().data_ptr(), None)
+        return sum(seen.values())
+
+    pad = torch.tensor(pads) if any(pads) else None
+    dense = saved_bytes(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True))
+    streaming = saved_bytes(lambda q, k, v: chunked_streaming_sdpa(q, k, v, 4, 200, pad=pad, offset=pad))
+    assert streaming <= dense

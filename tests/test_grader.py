@@ -30,7 +30,8 @@ def test_extract_answer(text, expected):
     ("\\boxed{90^\\circ}", "90", True),
     ("\\boxed{204.}", "204", True),
     ("\\boxed{205}", "204", False),
-    ("The answer is 204", "204", False),  # no boxed answer, no 'final answer is'
+    ("The answer is 204", "204", True),
+    ("The answer is 204", "205", False),
 ])
 def test_aime(output, ref, ok):
     assert grade(output, ref, "aime") == ok
@@ -63,6 +64,29 @@ def test_math(output, ref, ok):
 ])
 def test_gsm8k(output, ref, ok):
     assert grade(output, ref, "gsm8k") == ok
+
+
+@pytest.mark.parametrize("output,ok", [
+    ("She pays 6 + 12 = 18 dollars. The answer is 18.", True),  # the GSM8K chain-of-thought phrasing
+    ("so the answer is: $18$", True),
+    ("Answer: 18", True),
+    ("Total: 9 * 2.\n**Answer:** 18", True),
+    ("**Answer**: 18 dollars", True),
+    ("The answer is 1,8.\n\nThe answer is 18.", True),  # the last occurrence
+    ("The answer is 12.\n\nAnswer: 18", True),
+    ("\\boxed{18} ... the answer is 17", True),  # a box wins over the phrase
+    ("the answer is not 18", False),
+    ("The answer is 18. Wait, I dropped a term: 6 + 12 + 3 = 21.", False),  # a correction follows
+    ("The answer is 12. Hmm, no.", False),
+    ("the answer is x = 18", False),  # not a number right after the phrase
+])
+def test_answer_phrasings(output, ok):
+    assert grade(output, "18", "gsm8k") == ok
+    assert grade(output, "18", "aime") == ok
+
+
+def test_phrasings_do_not_apply_to_math_mode():
+    assert not grade("The answer is 18.", "18", "math")
 
 
 def test_unknown_mode():

@@ -151,3 +151,76 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
     assert a.keys() == b.keys() == {1, 2, 3}
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-5)
+
+
+def test_preempted_run_checkpoints_the_step_in_flight_and_resumes_exactly(tmp_path):
+    """SIGTERM during step 3 (save_every=4, so no regular checkpoint there): the step finishes, step 3 is saved,
+    the run exits with the preemption code; the rerun continues from step 3 to the uninterrupted losses."""
+    from lt_train.train.preemption import PREEMPTED_EXIT
+
+    args = ["train=lora", "train.max_steps=6", "train.save_every=4", "validation.enabled=false"]
+    _ok(run_train(tmp_path / "a", args))
+    pre = run_train(tmp_path / "b", args + ["train.signal_at_step=3"])
+    assert pre.returncode == PREEMPTED_EXIT, pre.stdout[-2000:] + pre.stderr[-2000:]
+    assert "preempted at step 3" in pre.stdout and "received SIGTERM" in pre.stderr
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["latest", "step_0000003"]
+    assert max(losses(tmp_path / "b")) == 3  # the step in flight was finished and logged, no later one
+    resumed = run_train(tmp_path / "b", args)
+    _ok(resumed)
+    assert "resumed from" in resumed.stdout and "step_0000003" in resumed.stdout
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    for step in range(1, 7):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    """keep_checkpoints=2 keeps steps 3 and 4 of a run saved every step and stopped after step 4; a truncated file
+    in `latest` (step 4) is reported and step 3 resumes, to the losses of an uninterrupted run. With every
+    checkpoint damaged: a clear error, not a fresh start."""
+    args = ["train=lora", "train.save_every=1", "train.keep_checkpoints=2", "validation.enabled=false",
+            "train.max_steps=5"]
+    _ok(run_train(tmp_path / "a", args))
+    assert run_train(tmp_path / "b", args + ["train.exit_after_step=4"]).returncode == 3
+    root = tmp_path / "b" / "checkpoints"
+    assert sorted(os.listdir(root)) == ["latest", "step_0000003", "step_0000004"]  # rotation
+    f = root / "step_0000004" / "trainable.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    resumed = run_train(tmp_path / "b", args)
+    _ok(resumed)
+    assert "step_0000004 does not load" in resumed.stderr and "step_0000003 at step 3" in resumed.stdout
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    for step in (4, 5):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7)
+    for d in os.listdir(root):
+        if d.startswith("step_"):
+            (root / d / "trainer_state.json").unlink()
+    failed = run_train(tmp_path / "b", args)
+    assert failed.returncode != 0 and "no usable checkpoint" in failed.stderr
+
+
+def test_a_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path):
+    import errno
+
+    from lt_train.train import checkpoint as ckpt
+    from lt_train.train.engine import save_checkpoint
+
+    class Engine:
+        rank, fail = 0, False
+
+        def save(self, d):
+            os.makedirs(d, exist_ok=True)
+            if self.fail:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            (tmp_path / "x").write_text("1")
+
+    eng, root = Engine(), str(tmp_path / "ck")
+    save_checkpoint(eng, root, 2, {"step": 2})
+    eng.fail = True
+    with pytest.raises(RuntimeError, match="step 4 could not be written .*No space left.*step_0000002 stays"):
+        save_checkpoint(eng, root, 4, {"step": 4})
+    assert ckpt.latest(root).endswith("step_0000002") and sorted(os.listdir(root)) == ["latest", "step_0000002"]
+
+
+def test_keep_checkpoints_must_be_positive(tmp_path):
+    proc = run_train(tmp_path, ["train.keep_checkpoints=0", "train.max_steps=1"])
+    assert proc.returncode != 0 and "keep_checkpoints must be >= 1" in proc.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 DEFAULT_BLOCK = 256
 
@@ -71,9 +72,11 @@ def complete_padding(pad, offset):
     return pad, offset
 
 
-def _window_blocks(x: torch.Tensor, W: int, block: int, Tp: int) -> torch.Tensor:
-    """[B, H, T, D] -> [B, n, H, block + W - 1, D]: the keys that can fall in each query block's window."""
-    xp = F.pad(x, (0, 0, W - 1, Tp - x.shape[2]))
+def _window_blocks(x: torch.Tensor, W: int, block: int, Tp: int, front: int | None = None) -> torch.Tensor:
+    """[B, H, T, D] -> [B, n, H, block + W - 1, D]: the keys that can fall in each query block's window
+    (block b: keys b * block - front ..; `front` defaults to W - 1, the window of a block's first query)."""
+    front = W - 1 if front is None else front
+    xp = F.pad(x, (0, 0, front, Tp + W - 1 - front - x.shape[2]))
     return xp.unfold(2, block + W - 1, block).permute(0, 2, 1, 4, 3)
 
 
@@ -91,6 +94,16 @@ def _blocked_sdpa(q, kb, vb, mask, scale, block: int) -> torch.Tensor:
     return out.view(B, nblk, Hq, block, D).transpose(1, 2).reshape(B, Hq, Tp, D)[:, :, :T]
 
 
+def _recomputed(fn, q, k, v, *args):
+    """`fn(q, k, v, *args)`; when gradients flow, backward recomputes it from q, k, v (`torch.utils.checkpoint`)
+    instead of keeping what it built: the blocked keys and values are (S + block + W - 1) / block times the size
+    of k and v each, where a dense fused kernel keeps only its inputs and output. The recompute costs one more
+    streaming forward per lazy layer, a small share of the step."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return checkpoint(fn, q, k, v, *args, use_reentrant=False, preserve_rng_state=False)
+    return fn(q, k, v, *args)
+
+
 def chunked_streaming_sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -104,12 +117,54 @@ def chunked_streaming_sdpa(
 ) -> torch.Tensor:
     """q [B, Hq, T, D], k/v [B, Hkv, T, D] -> [B, Hq, T, D]. Query i sees key j iff
     pad[b] <= j <= i and (j - offset[b] < S or i - j < W)."""
+    T = q.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if pad is None and offset is None:
+        if window >= T:  # the window covers every key: plain causal attention
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        # Queries before W see every earlier key: the fused causal kernel does them (it skips the masked half
+        # of its tiles, where the blocked path would compute sink + window keys for each); the rest stream.
+        head = F.scaled_dot_product_attention(q[:, :, :window], k[:, :, :window], v[:, :, :window],
+                                              is_causal=True, scale=scale, enable_gqa=gqa)
+        tail = _recomputed(_streaming_tail, q, k, v, sink, window, scale, block)
+        return torch.cat([head, tail], dim=2)
+    return _recomputed(_chunked, q, k, v, sink, window, scale, pad, offset, block)
+
+
+def _streaming_tail(q, k, v, sink: int, window: int, scale, block: int) -> torch.Tensor:
+    """Streaming attention of the queries from W on, for rows without padding: the blocked computation of
+    `_chunked` with query blocks starting at W. Query W + i (local i) sees window keys i + 1 .. W + i and the
+    sinks s with i >= s (a sink inside the window counts there once)."""
+    B, Hq, T, D = q.shape
+    Hkv, W = k.shape[1], window
+    Tq = T - W
+    block = min(block, Tq)
+    nblk = (Tq + block - 1) // block
+    key = ("tail", B, T, sink, W, block, q.device, q.dtype)
+    if key not in _MASK_CACHE:
+        if len(_MASK_CACHE) > 32:
+            _MASK_CACHE.clear()
+        qi, kj = _block_index_grids(Tq, W, block, q.device)  # local query i, key W + kj (kj may be negative)
+        i, j = qi[:, None, :, None], kj[:, None, None, :]
+        mask = (j <= i) & (i - j < W)  # never empty, so the padded tail of the last block stays finite
+        if sink:
+            s = torch.arange(sink, device=q.device)
+            mask = torch.cat([(i >= s).expand(nblk, 1, block, sink), mask], dim=-1)
+        _MASK_CACHE[key] = _additive(mask, q.dtype).expand(B, -1, -1, -1, -1).reshape(B * nblk, 1, block, -1)
+    mask = _MASK_CACHE[key]
+    # block b's window keys are W + kj, kj from b * block - (W - 1): indices from b * block + 1 of k
+    kb = _window_blocks(k[:, :, 1:], W, block, nblk * block, front=0)
+    vb = _window_blocks(v[:, :, 1:], W, block, nblk * block, front=0)
+    if sink:
+        ks = k[:, :, :sink].unsqueeze(1).expand(B, nblk, Hkv, sink, D)
+        vs = v[:, :, :sink].unsqueeze(1).expand(B, nblk, Hkv, sink, D)
+        kb, vb = torch.cat([ks, kb], dim=3), torch.cat([vs, vb], dim=3)
+    return _blocked_sdpa(q[:, :, W:], kb, vb, mask, scale, block)
+
+
+def _chunked(q, k, v, sink: int, window: int, scale, pad, offset, block: int) -> torch.Tensor:
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    gqa = Hq != Hkv
-    if pad is None and offset is None and window >= T:
-        # The window covers every key: plain causal attention.
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     pad, offset = complete_padding(pad, offset)
     W = min(window, T)  # a window longer than the sequence is the same as W = T
     block = min(block, T)
@@ -200,6 +255,10 @@ def packed_streaming_sdpa(
     document. Attention never crosses documents, and the sinks of a query are the first S tokens of its own
     document. Same blocking as `chunked_streaming_sdpa`; each block gathers the sinks of every document that
     its queries belong to."""
+    return _recomputed(_packed, q, k, v, sink, window, pos, scale, block)
+
+
+def _packed(q, k, v, sink: int, window: int, pos: torch.Tensor, scale, block: int) -> torch.Tensor:
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     dev = q.device

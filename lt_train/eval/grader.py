@@ -1,7 +1,8 @@
 """Answer extraction and grading. Model output is only ever parsed as text, never passed to eval/exec.
 
 `extract_answer` finds the last \\boxed{...} / \\fbox{...} (nested braces handled), then falls back to
-"final answer is ...", "#### n" and "A: n" lines; it returns None when there is none, never the whole text.
+"final answer is ...", "#### n" and "A: n" lines, and for numeric modes (aime, gsm8k) to the number after a
+closing "The answer is" / "Answer:" / "**Answer:**"; it returns None when there is none, never the whole text.
 `grade(output, reference, mode)` with mode "aime" (an integer 0-999), "gsm8k" (a number) or "math" (symbolic
 or numeric equivalence through math-verify). math-verify's own timeouts use `signal.alarm`, which fails off
 the main thread; here its checks run without them in a worker process that is killed when a check overruns,
@@ -37,7 +38,27 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
-def extract_answer(text: str) -> str | None:
+# "The answer is 18", "Answer: 18", "**Answer:** 18", "the answer is: $18$": a number right after the phrase
+_PHRASED = re.compile(
+    r"(?:\banswer\s+is\s*:?|\banswer\s*\**\s*:\s*\**)\s*\**\s*\$?\s*([-+]?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
+_DIGIT = re.compile(r"\d")
+
+
+def extract_phrased(text: str) -> str | None:
+    """The number after the last "the answer is" / "Answer:" / "**Answer:**", when no digit follows it in the
+    text (a later number would be a correction or more working, so the phrase is not the final answer)."""
+    matches = list(_PHRASED.finditer(text[-20_000:]))  # bounded work on long outputs
+    if not matches:
+        return None
+    last = matches[-1]
+    if _DIGIT.search(text[-20_000:], last.end()):
+        return None
+    return last.group(1)
+
+
+def extract_answer(text: str, phrased: bool = False) -> str | None:
+    """The last box; else the "final answer is" / "#### n" / "A: n" lines; else (`phrased`, numeric modes)
+    the number after a closing "the answer is" / "Answer:"."""
     boxed = extract_boxed(text)
     if boxed is not None:
         return boxed
@@ -45,7 +66,7 @@ def extract_answer(text: str) -> str | None:
         found = pattern.findall(text)
         if found:
             return found[-1].strip()
-    return None
+    return extract_phrased(text) if phrased else None
 
 
 def _clean(ans: str) -> str:
@@ -134,7 +155,7 @@ class Grader:
     def grade(self, output: str, reference: str, mode: str) -> bool:
         if mode not in ("aime", "math", "gsm8k"):
             raise ValueError(f"unknown grading mode {mode!r}; use aime, math or gsm8k")
-        ans = extract_answer(output)
+        ans = extract_answer(output, phrased=mode in ("aime", "gsm8k"))
         if ans is None or len(ans) > MAX_ANSWER_CHARS:
             return False
         reference = str(reference).strip()

@@ -46,6 +46,16 @@ def latest(root: str) -> str | None:
     return d if os.path.isdir(d) else None
 
 
+def candidates(root: str) -> list[str]:
+    """Checkpoints to try on resume, newest first: the one `latest` names, then the other complete ones."""
+    if not os.path.isdir(root):
+        return []
+    found = sorted((d for d in os.listdir(root) if d.startswith("step_")), reverse=True)
+    dirs = [os.path.join(root, d) for d in found]
+    first = latest(root)
+    return ([first] if first else []) + [d for d in dirs if d != first]
+
+
 def publish(root: str, tmp_dir: str, step: int, keep: int = 2) -> str:
     """Rename a fully written `tmp_dir` into place and point `latest` at it; drop old checkpoints."""
     final = step_dir(root, step)

@@ -158,19 +158,27 @@ class DeepSpeedEngine:
             return {n: p.detach().cpu().clone() for n, p in named}
 
 
-def save_checkpoint(engine, root: str, step: int, state: dict) -> str | None:
+def save_checkpoint(engine, root: str, step: int, state: dict, keep: int = 2) -> str | None:
     """All ranks write into a temporary directory; rank 0 renames it into place once everyone is done."""
     tmp = os.path.join(root, f".partial-step_{step:07d}")
     if engine.rank == 0:
         os.makedirs(root, exist_ok=True)
     barrier()
-    engine.save(tmp)
-    os.makedirs(tmp, exist_ok=True)
-    ckpt.write_rng(tmp, engine.rank)
-    barrier()
-    final = None
-    if engine.rank == 0:
-        ckpt.write_state(tmp, state)
-        final = ckpt.publish(root, tmp, step)
+    try:
+        engine.save(tmp)
+        os.makedirs(tmp, exist_ok=True)
+        ckpt.write_rng(tmp, engine.rank)
+        barrier()
+        final = None
+        if engine.rank == 0:
+            ckpt.write_state(tmp, state)
+            final = ckpt.publish(root, tmp, step, keep)
+    except OSError as e:  # a full disk, a quota, a vanished mount: the previous checkpoint stays `latest`
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"the checkpoint of step {step} could not be written ({e}); "
+                           f"{ckpt.latest(root) or 'no earlier checkpoint'} stays the latest one. Free space and "
+                           "rerun with train.resume=auto") from e
     barrier()
     return final

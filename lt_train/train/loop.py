@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 
@@ -30,6 +31,7 @@ from .config import validate
 from ..distributed import all_reduce_sum, barrier, world
 from .engine import DeepSpeedEngine, PlainEngine, deepspeed_config, save_checkpoint
 from .evaluate import demo_accuracy, heldout_nll
+from .preemption import PREEMPTED_EXIT, Preemption
 
 
 def _log(rank: int, *msg) -> None:
@@ -287,13 +289,14 @@ def train(cfg) -> dict:
 
     ckpt_root = os.path.join(out_dir, "checkpoints")
     start = 0
-    resume_from = ckpt.latest(ckpt_root) if tr.resume == "auto" else (tr.resume if tr.resume not in (None, "none") else None)
+    resume_from = _resume(engine, ckpt_root, tr.resume, rank, dev)
     if resume_from:
-        engine.load(resume_from)
         state, rng = ckpt.read_state(resume_from, rank)
         ckpt.set_rng_state(rng)
         start = state["step"]
         _log(rank, f"resumed from {resume_from} at step {start}")
+    keep = int(tr.get("keep_checkpoints", 2))
+    preempt = Preemption()
     run = init_wandb(cfg.logging, _plain(cfg), "train", out_dir) if rank == 0 else None
     if run is not None:
         run.config.update({"lazy_layers": lazy}, allow_val_change=True)
@@ -326,6 +329,8 @@ def train(cfg) -> dict:
                 loss_sum += float(scaled.detach()) / scale
             engine.backward(scaled)
             norm = engine.step()
+            if tr.get("signal_at_step") and step + 1 == int(tr.signal_at_step) and rank == 0:
+                os.kill(os.getpid(), signal.SIGTERM)  # testing: preempted while this step is in flight
         step_loss = all_reduce_sum(loss_sum, dev) / n_global
         tokens = all_reduce_sum(sum(int(b.input_ids.numel()) for b in batches), dev)
         dt = time.perf_counter() - t0
@@ -338,13 +343,25 @@ def train(cfg) -> dict:
                 run.log({f"train/{k}": v for k, v in rec.items() if v is not None and k != "step"}, step=step + 1)
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / dt:.0f}")
             bar.update(1)
+        state = {"step": step + 1, "rows_consumed": (step + 1) * per_step}
+        saved = None
         if tr.save_every and (step + 1) % tr.save_every == 0 and step + 1 < max_steps:
-            save_checkpoint(engine, ckpt_root, step + 1, {"step": step + 1, "rows_consumed": (step + 1) * per_step})
+            saved = save_checkpoint(engine, ckpt_root, step + 1, state, keep) or "saved"
+        if preempt.agreed(dev):  # every rank, every step: a signal on any rank stops them all here
+            saved = saved or save_checkpoint(engine, ckpt_root, step + 1, state, keep)
+            _log(rank, f"preempted at step {step + 1}, checkpoint {ckpt.step_dir(ckpt_root, step + 1)}; rerun with "
+                       f"train.resume=auto to continue (exit code {PREEMPTED_EXIT})")
+            bar.close()
+            if run is not None:
+                run.finish(exit_code=PREEMPTED_EXIT)
+            sys.stdout.flush()
+            sys.exit(PREEMPTED_EXIT)
         if tr.get("exit_after_step") and step + 1 == int(tr.exit_after_step):
             _log(rank, f"exit_after_step={step + 1}: stopping abruptly (testing resume)")
             sys.stdout.flush()
             os._exit(3)
     bar.close()
+    preempt.restore()
     _log(rank, f"trained {max_steps - start} steps in {time.perf_counter() - t_start:.0f}s")
 
     final = _export(cfg, engine, model, hc, out_dir, rank)
@@ -362,6 +379,32 @@ def train(cfg) -> dict:
         run.finish()
     barrier()
     return results
+
+
+def _resume(engine, root: str, resume, rank: int, dev) -> str | None:
+    """Load the checkpoint to resume from: `resume=auto` tries `latest`, then older ones, reporting each that
+    fails to load (truncated or missing file, another world size or ZeRO stage); all ranks agree on each try.
+    Checkpoints that exist but none loads is an error, never a silent fresh start."""
+    if resume in (None, "none"):
+        return None
+    candidates = ckpt.candidates(root) if resume == "auto" else [resume]
+    failures = []
+    for d in candidates:
+        try:
+            engine.load(d)
+            ckpt.read_state(d, rank)
+            ok = 1.0
+        except Exception as e:  # noqa: BLE001 - any failure to load means: try the previous checkpoint
+            failures.append(f"{d}: {type(e).__name__}: {e}"[:500])
+            print(f"rank {rank}: checkpoint {d} does not load ({failures[-1]}); trying the previous one",
+                  file=sys.stderr, flush=True)
+            ok = 0.0
+        if all_reduce_sum(ok, dev) == float(world()[1]):
+            return d
+    if candidates:
+        raise RuntimeError(f"no usable checkpoint under {root}:\n  " + "\n  ".join(failures or ["(another rank failed)"])
+                           + "\nfix or remove them, or pass train.resume=none to start afresh")
+    return None
 
 
 def _memory_mb() -> float:
