@@ -66,3 +66,23 @@ def test_zero3_loads_partitioned_and_its_tiled_loss_equals_the_plain_engine(tmp_
     for a, b in zip(log(tmp_path / "plain"), log(tmp_path / "z3"), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_preemption_of_one_rank_stops_both_at_the_same_step_and_resumes_exactly(tmp_path):
+    """ZeRO-2, two processes: rank 0 alone gets SIGTERM during step 3 (save_every=4); both ranks finish the step,
+    write checkpoint 3 together and exit; the rerun repeats the uninterrupted run's losses."""
+    args = ["deepspeed=zero2", "train=lora", "train.lr=2e-3", "train.max_steps=5", "train.save_every=4",
+            "validation.enabled=false"]
+    a = run_train(tmp_path / "a", args, nproc=2)
+    assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]
+    pre = run_train(tmp_path / "b", args + ["train.signal_at_step=3"], nproc=2)
+    assert pre.returncode != 0 and "preempted at step 3" in pre.stdout, pre.stdout[-3000:] + pre.stderr[-3000:]
+    assert "exitcode  : 143" in pre.stderr, pre.stderr[-3000:]  # torchrun's report of the ranks' exit code
+    ck = tmp_path / "b" / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir() if p.name.startswith("step_")) == ["step_0000003"]
+    assert {p.name for p in (ck / "step_0000003").iterdir()} >= {"rng_rank0.pt", "rng_rank1.pt", "trainer_state.json"}
+    resumed = run_train(tmp_path / "b", args, nproc=2)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    for step in range(1, 6):
+        assert lb[step] == pytest.approx(la[step], rel=1e-5, abs=1e-6)
