@@ -2,7 +2,8 @@
 
     python benchmarks/decode.py [--prompts 256,2048,4096,8192 --batch 8 --new 32 --sink 4 --window 1020]
 
-Three runs per prompt length, interleaved `--repeats` times in one process:
+Three runs per prompt length, interleaved `--repeats` times in one process (the order rotated each time, the
+fastest repeat kept):
 - `static`: the full model with transformers' `StaticCache` (preallocated, `cache_implementation="static"`),
   the strongest full-model path a user has;
 - `dynamic`: the full model with transformers' default `DynamicCache` (grows by `torch.cat`);
@@ -74,9 +75,10 @@ def bench_prompt(full_model, hybrid_model, prompt: int, args) -> dict:
     models = {"static": full_model, "dynamic": full_model, "hybrid": hybrid_model}
     times: dict[str, list[float]] = {k: [] for k in makers}
     kv: dict[str, int] = {}
-    for _ in range(args.repeats):
-        for name, make in makers.items():
-            cache = fill(make(), prefill, args.batch, prompt)
+    names = list(makers)
+    for r in range(args.repeats):
+        for name in names[r % 3:] + names[: r % 3]:  # rotate the order: no variant always follows another
+            cache = fill(makers[name](), prefill, args.batch, prompt)
             times[name].append(decode(models[name], cache, first, prompt, args.new))
             kv[name] = kv_bytes(cache)
             del cache
@@ -92,7 +94,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--window", type=int, default=1020)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     args = ap.parse_args()
     if args.threads:

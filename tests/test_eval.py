@@ -17,6 +17,7 @@ from lt_train.cli import expand_shortcuts
 from lt_train.eval import job, runner
 from lt_train.eval.benchmarks import load_problems
 from lt_train.eval.grader import Grader
+from lt_train.eval.grader import _verify_worker as _REAL_VERIFY
 from lt_train.eval.metrics import aggregate, majority, mean_se, pass_at_k, problem_metrics
 from lt_train.eval.sampling import BatchOutput, GenSettings, build_prompt, gen_settings, generate_batch, plan_batches
 from lt_train.hybrid import HybridConfig, convert_to_hybrid
@@ -310,8 +311,8 @@ def test_resume_with_a_smaller_batch_keeps_the_finished_samples(tmp_path, monkey
 
     def crashing(*a, **k):
         calls.append(len(a[2]))
-        if calls == [4, 2]:  # the second batch (6 samples in batches of 4) runs out of memory
-            raise RuntimeError("out of memory")
+        if calls == [4, 2]:  # the second batch (6 samples in batches of 4) crashes
+            raise RuntimeError("simulated crash")
         return real(*a, **k)
 
     monkeypatch.setattr(runner, "generate_batch", crashing)
@@ -324,6 +325,71 @@ def test_resume_with_a_smaller_batch_keeps_the_finished_samples(tmp_path, monkey
     got = _samples(tmp_path / "tiny" / "samples.jsonl")
     assert len(got) == 6 and all(got[k] == v for k, v in first.items())
     assert res["metrics"]["samples"] == 6
+
+
+def test_an_out_of_memory_batch_is_halved_and_its_samples_match_an_uninterrupted_run(tmp_path, monkeypatch):
+    ref = job.run(_cfg(TINY + [f"output_dir={tmp_path / 'ref'}"]))["tiny"]
+    full = _samples(os.path.join(ref["dir"], "samples.jsonl"))
+    real, calls = runner.generate_batch, []
+
+    def oom(*a, **k):
+        calls.append(len(a[2]))
+        if len(a[2]) == 2:  # the second batch (6 samples in batches of 4) does not fit; its halves do
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "generate_batch", oom)
+    res = job.run(_cfg(TINY + [f"output_dir={tmp_path / 'run'}"]))["tiny"]
+    assert calls == [4, 2, 1, 1]
+    got = _samples(tmp_path / "run" / "tiny" / "samples.jsonl")
+    strip = ("batch_seconds", "batch_tokens", "kv_bytes", "oom_splits")
+    assert {k: {f: v for f, v in r.items() if f not in strip} for k, r in got.items()} == \
+        {k: {f: v for f, v in r.items() if f not in strip} for k, r in full.items()}
+    assert sorted(len(r["oom_splits"]) for r in got.values()) == [0, 0, 0, 0, 1, 1]
+    assert res["metrics"]["oom_splits"] == 1 and res["metrics"]["pass@1"] == ref["metrics"]["pass@1"]
+    summary = json.loads((tmp_path / "run" / "tiny" / "summary.json").read_text())
+    assert summary["metrics"]["oom_splits"] == 1
+
+
+def test_out_of_memory_with_one_row_stops_clearly(tmp_path, monkeypatch):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(runner, "generate_batch", oom)
+    with pytest.raises(RuntimeError, match="out of memory generating one sample alone .*eval.max_new_tokens"):
+        job.run(_cfg(TINY + [f"output_dir={tmp_path}"]))
+
+
+def test_a_grader_worker_that_dies_is_restarted_and_the_check_retried_then_counted(tmp_path, monkeypatch):
+    """The worker dies during a check: a fresh one retries it; dying again counts as a crash (wrong), and the
+    next check still gets a working worker."""
+    import lt_train.eval.grader as grader_mod
+
+    g = Grader(timeout=60)
+    try:
+        monkeypatch.setenv("LT_TEST_DIE_MARKER", str(tmp_path / "die"))
+        (tmp_path / "die").write_text("")
+        monkeypatch.setattr(grader_mod, "_verify_worker", _die_once)
+        assert g.equivalent("\\frac{1}{2}", "0.5") and g.crashes == 0  # died once, retried, right
+        assert not (tmp_path / "die").exists()
+        monkeypatch.setattr(grader_mod, "_verify_worker", _always_die)
+        assert not g.equivalent("\\frac{1}{2}", "0.5") and g.crashes == 1
+        monkeypatch.setattr(grader_mod, "_verify_worker", _REAL_VERIFY)
+        assert g.equivalent("\\frac{1}{4}", "0.25") and g.crashes == 1
+    finally:
+        g.close()
+
+
+def _die_once(gold, target):  # module level: the grader's worker receives it pickled by name
+    marker = os.environ["LT_TEST_DIE_MARKER"]
+    if os.path.exists(marker):
+        os.remove(marker)
+        os._exit(9)
+    return _REAL_VERIFY(gold, target)
+
+
+def _always_die(gold, target):
+    os._exit(9)
 
 
 def test_a_different_protocol_is_refused_in_the_same_folder(tmp_path):

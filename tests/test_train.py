@@ -224,3 +224,49 @@ def test_a_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path):
 def test_keep_checkpoints_must_be_positive(tmp_path):
     proc = run_train(tmp_path, ["train.keep_checkpoints=0", "train.max_steps=1"])
     assert proc.returncode != 0 and "keep_checkpoints must be >= 1" in proc.stderr
+
+
+def test_plain_engine_skips_a_non_finite_step_leaving_weights_optimizer_and_schedule_unchanged():
+    import copy
+    import math
+
+    from lt_train.train.engine import PlainEngine
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    eng = PlainEngine(model, opt, sched, 1.0, 1)
+    model(torch.randn(3, 4)).sum().backward()
+    assert math.isfinite(eng.step())  # a real step first: the optimizer has state
+    weights, state, lr = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), sched.get_last_lr()
+    (model(torch.randn(3, 4)).sum() * float("nan")).backward()
+    assert math.isnan(eng.step())
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    after = opt.state_dict()["state"]
+    for i, s in state["state"].items():
+        assert all(torch.equal(s[k], after[i][k]) for k in s)
+    assert sched.get_last_lr() == lr and all(p.grad is None for p in model.parameters())
+
+
+def _records(out_dir):
+    with open(os.path.join(out_dir, "train_log.jsonl"), encoding="utf-8") as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def test_an_injected_nan_step_is_skipped_logged_and_the_run_goes_on(tmp_path):
+    _ok(run_train(tmp_path, ["train=lora", "train.max_steps=4", "train.save_every=0", "validation.enabled=false",
+                             "train.nan_at_step=2"]))
+    recs = _records(tmp_path)
+    assert recs[2]["skipped"] and recs[2]["skipped_total"] == 1 and recs[2]["loss"] != recs[2]["loss"]  # NaN
+    assert recs[2]["lr"] == recs[1]["lr"] != recs[3]["lr"]  # the schedule did not advance on the skipped step
+    assert not recs[3]["skipped"] and all(recs[s]["loss"] == recs[s]["loss"] for s in (1, 3, 4))
+    assert (tmp_path / "model").is_dir()
+
+
+def test_an_absurd_learning_rate_stops_after_max_bad_steps_without_an_export(tmp_path):
+    proc = run_train(tmp_path, ["train=full", "train.lr=1e12", "train.max_steps=8", "train.save_every=1",
+                                "validation.enabled=false", "train.max_bad_steps=2"])
+    assert proc.returncode != 0
+    assert "2 steps in a row" in proc.stderr and "non-finite loss or gradient norm" in proc.stderr, proc.stderr[-2000:]
+    assert "Last good checkpoint:" in proc.stderr and not (tmp_path / "model").exists()

@@ -112,25 +112,39 @@ class Grader:
     def __init__(self, timeout: float = 5.0):
         self.timeout = timeout
         self.timeouts = 0
+        self.crashes = 0  # checks whose worker died twice (counted wrong)
         self._pool: cf.ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
     def _submit(self, gold: str, target: str) -> bool:
         with self._lock:
             if self._pool is None:
-                # fork where there is one: spawn would re-import a __main__ that may not be importable
-                method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-                self._pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context(method))
-                self._pool.submit(_warm_worker).result(timeout=120)
-            fut = self._pool.submit(_verify_worker, gold, target)
-            try:
-                return fut.result(timeout=self.timeout)
-            except cf.TimeoutError:
-                self.timeouts += 1
-                self._kill()
-                return False
-            except Exception:  # a parse or sympy failure on odd output: not equivalent
-                return False
+                self._pool = self._new_pool()
+            for attempt in (1, 2):
+                fut = self._pool.submit(_verify_worker, gold, target)
+                try:
+                    return fut.result(timeout=self.timeout)
+                except cf.TimeoutError:
+                    self.timeouts += 1
+                    self._kill()
+                    return False
+                except cf.process.BrokenProcessPool:  # the worker died (killed, out of memory, a crash in sympy)
+                    self._kill()
+                    self._pool = self._new_pool()
+                    if attempt == 2:
+                        self.crashes += 1  # died twice on this check: counted wrong, and a fresh worker for the next
+                        return False
+                except Exception:  # a parse or sympy failure on odd output: not equivalent
+                    return False
+            return False  # pragma: no cover
+
+    @staticmethod
+    def _new_pool() -> cf.ProcessPoolExecutor:
+        # fork where there is one: spawn would re-import a __main__ that may not be importable
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context(method))
+        pool.submit(_warm_worker).result(timeout=120)
+        return pool
 
     def _kill(self) -> None:
         pool, self._pool = self._pool, None

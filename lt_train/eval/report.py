@@ -34,6 +34,8 @@ def summary_rows(s: dict) -> list[list]:
              ["cut at max_new_tokens", f"{s['truncated']} / {s['samples']}"],
              ["no extractable answer", f"{s['no_answer']} / {s['samples']}"],
              ["grader timeouts (counted wrong)", s["grader_timeouts"]],
+             ["grader worker crashes, twice on one check (counted wrong)", s.get("grader_crashes", 0)],
+             ["batches split after running out of memory", s.get("oom_splits", 0)],
              ["generation tokens/s", f"{s['tokens_per_s']:.1f}"],
              [f"peak KV cache (batch {s['batch_size']})", f"{s['peak_kv_bytes'] / MiB:.1f} MiB"]]
     return rows

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from .benchmarks import Problem
 from .grader import Grader, extract_answer
 from .metrics import aggregate, problem_metrics
-from .sampling import GenSettings, build_prompt, generate_batch, plan_batches, sample_seed
+from .sampling import BatchOutput, GenSettings, build_prompt, generate_batch, plan_batches, sample_seed
 from .store import SampleStore
 
 log = logging.getLogger(__name__)
@@ -39,17 +41,19 @@ def generate_missing(model, tokenizer, problems: list[Problem], gs: GenSettings,
     tokens = seconds = 0.0
     for b, rows in todo:
         seeds = [sample_seed(gs.seed, p, s, gs.n_samples) for p, s in rows]
-        out = generate_batch(model, tokenizer, [prompts[p] for p, _ in rows], gs, seeds)
+        splits: list[int] = []
+        out = generate_halving(model, tokenizer, [prompts[p] for p, _ in rows], gs, seeds, splits)
         records = []
         for (p, s), seed, text, n_tok, fin in zip(rows, seeds, out.texts, out.tokens, out.finished):
             prob = problems[p]
             if store.done(prob.id, s):
                 continue
-            before = grader.timeouts
+            before, crashes = grader.timeouts, grader.crashes
             records.append({
                 "problem": prob.id, "index": p, "sample": s, "batch": b, "batch_size": gs.batch_size, "seed": seed,
                 "answer": extract_answer(text), "correct": grader.grade(text, prob.answer, mode),
-                "grade_timeout": grader.timeouts > before, "tokens": n_tok, "finished": fin,
+                "grade_timeout": grader.timeouts > before, "grade_crash": grader.crashes > crashes,
+                "oom_splits": splits, "tokens": n_tok, "finished": fin,
                 "batch_tokens": sum(out.tokens), "batch_seconds": round(out.seconds, 4),
                 "kv_bytes": out.kv_bytes, "output": text})
         store.append(records)
@@ -59,6 +63,34 @@ def generate_missing(model, tokenizer, problems: list[Problem], gs: GenSettings,
         bar.set_postfix(tok_s=f"{tokens / max(seconds, 1e-9):.1f}", kv_MiB=f"{out.kv_bytes / 2**20:.0f}")
     bar.close()
     return missing
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+def generate_halving(model, tokenizer, prompts: list[str], gs: GenSettings, seeds: list[int], splits: list[int]
+                     ) -> BatchOutput:
+    """`generate_batch`, and on an out-of-memory error the two halves of the batch one after the other (down to
+    one row; then a clear error). Each row samples with its own seed, so its tokens do not depend on the split.
+    The sizes of the batches that were split are appended to `splits`."""
+    try:
+        return generate_batch(model, tokenizer, prompts, gs, seeds)
+    except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled; the rest re-raise
+        if not _is_oom(e):
+            raise
+        if len(prompts) == 1:
+            raise RuntimeError(f"out of memory generating one sample alone (max_new_tokens={gs.max_new_tokens}): "
+                               "lower eval.max_new_tokens, or use a device with more memory") from e
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = len(prompts) // 2
+    log.warning("out of memory in a batch of %d: generating it as %d + %d", len(prompts), half, len(prompts) - half)
+    splits.append(len(prompts))
+    a = generate_halving(model, tokenizer, prompts[:half], gs, seeds[:half], splits)
+    b = generate_halving(model, tokenizer, prompts[half:], gs, seeds[half:], splits)
+    return BatchOutput(a.texts + b.texts, a.tokens + b.tokens, a.finished + b.finished, a.seconds + b.seconds,
+                       max(a.kv_bytes, b.kv_bytes))
 
 
 def summarize(records: dict, problems: list[Problem], gs: GenSettings, mode: str, grader: Grader
@@ -88,6 +120,8 @@ def summarize(records: dict, problems: list[Problem], gs: GenSettings, mode: str
         "truncated": sum(not r["finished"] for r in all_recs),
         "no_answer": sum(r["answer"] is None for r in all_recs),
         "grader_timeouts": sum(bool(r.get("grade_timeout")) for r in all_recs),
+        "grader_crashes": sum(bool(r.get("grade_crash")) for r in all_recs),
+        "oom_splits": sum(len(r.get("oom_splits") or []) for r in batches.values()),
         "tokens_per_s": gen_tokens / gen_seconds if gen_seconds > 0 else float("nan"),
         "generation_seconds": gen_seconds,
         "peak_kv_bytes": max(r["kv_bytes"] for r in all_recs),

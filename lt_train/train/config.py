@@ -35,6 +35,8 @@ def validate(cfg, world_size: int) -> None:
     if gb is not None and (int(gb) < 1 or int(gb) % world_size):
         raise ValueError(f"train.global_batch={gb} must be a positive multiple of the {world_size} processes "
                          f"(each process takes global_batch / {world_size} packed rows per step)")
+    if int(tr.get("max_bad_steps", 3)) < 1:
+        raise ValueError(f"train.max_bad_steps must be >= 1, got {tr.max_bad_steps}")
     if int(tr.get("keep_checkpoints", 2)) < 1:
         raise ValueError(f"train.keep_checkpoints must be >= 1 (resume needs one), got {tr.keep_checkpoints}")
     if not tr.max_steps and not tr.epochs:

@@ -39,6 +39,9 @@ class PlainEngine:
             return None
         params = [p for p in self.module.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or float("inf"))
+        if not torch.isfinite(norm):  # skip, as DeepSpeed does on overflow: weights, optimizer, schedule unchanged
+            self.optimizer.zero_grad(set_to_none=True)
+            return float(norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -297,6 +297,7 @@ def train(cfg) -> dict:
         _log(rank, f"resumed from {resume_from} at step {start}")
     keep = int(tr.get("keep_checkpoints", 2))
     preempt = Preemption()
+    bad_streak = bad_total = 0  # steps with a non-finite loss or gradient norm (skipped)
     run = init_wandb(cfg.logging, _plain(cfg), "train", out_dir) if rank == 0 else None
     if run is not None:
         run.config.update({"lazy_layers": lazy}, allow_val_change=True)
@@ -323,10 +324,14 @@ def train(cfg) -> dict:
         for inputs in micro:
             if zero3:  # DeepSpeed's tiled loss: the head's backward runs inside, already scaled
                 scaled = token_loss_sum(model, inputs, zero3_scale=scale, engine=engine)
-                loss_sum += float(scaled.detach()) / scale  # host sync, once per micro-batch
             else:
                 scaled = token_loss_sum(model, inputs, engine=engine) * scale
-                loss_sum += float(scaled.detach()) / scale
+            micro_loss = float(scaled.detach()) / scale  # host sync, once per micro-batch
+            if not math.isfinite(micro_loss) or (tr.get("nan_at_step") and step + 1 == int(tr.nan_at_step)):
+                # make the gradients non-finite too (a finite gradient of an infinite loss would still step): both
+                # engines then skip the optimizer step (DeepSpeed's overflow check, PlainEngine's norm check)
+                scaled, micro_loss = scaled * float("nan"), float("nan")
+            loss_sum += micro_loss
             engine.backward(scaled)
             norm = engine.step()
             if tr.get("signal_at_step") and step + 1 == int(tr.signal_at_step) and rank == 0:
@@ -334,8 +339,11 @@ def train(cfg) -> dict:
         step_loss = all_reduce_sum(loss_sum, dev) / n_global
         tokens = all_reduce_sum(sum(int(b.input_ids.numel()) for b in batches), dev)
         dt = time.perf_counter() - t0
+        bad = not math.isfinite(step_loss) or (norm is not None and not math.isfinite(norm))
+        bad_streak, bad_total = (bad_streak + 1, bad_total + 1) if bad else (0, bad_total)
         rec = {"step": step + 1, "loss": step_loss, "lr": sched.get_last_lr()[0],
-               "grad_norm": norm, "tokens_per_s": tokens / dt, "target_tokens": n_global, "memory_mb": _memory_mb()}
+               "grad_norm": norm, "tokens_per_s": tokens / dt, "target_tokens": n_global, "memory_mb": _memory_mb(),
+               "skipped": bad, "skipped_total": bad_total}
         if rank == 0:
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -343,9 +351,19 @@ def train(cfg) -> dict:
                 run.log({f"train/{k}": v for k, v in rec.items() if v is not None and k != "step"}, step=step + 1)
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / dt:.0f}")
             bar.update(1)
+        if bad:
+            _log(rank, f"step {step + 1}: non-finite loss ({step_loss}) or gradient norm ({norm}); optimizer step "
+                       f"skipped ({bad_streak} in a row, {bad_total} in all)")
+            if bad_streak >= int(tr.get("max_bad_steps", 3)):
+                last = ckpt.latest(ckpt_root)
+                raise RuntimeError(
+                    f"{bad_streak} steps in a row (the last: step {step + 1}, packed rows {mine} of rank {rank}) had a "
+                    f"non-finite loss or gradient norm; their updates were skipped, so the weights are those after "
+                    f"step {step + 1 - bad_streak}. Last good checkpoint: {last or 'none'}; no model exported. Lower "
+                    "train.lr, check those rows' data, or raise train.max_bad_steps")
         state = {"step": step + 1, "rows_consumed": (step + 1) * per_step}
         saved = None
-        if tr.save_every and (step + 1) % tr.save_every == 0 and step + 1 < max_steps:
+        if not bad and tr.save_every and (step + 1) % tr.save_every == 0 and step + 1 < max_steps:
             saved = save_checkpoint(engine, ckpt_root, step + 1, state, keep) or "saved"
         if preempt.agreed(dev):  # every rank, every step: a signal on any rank stops them all here
             saved = saved or save_checkpoint(engine, ckpt_root, step + 1, state, keep)
