@@ -66,7 +66,11 @@ def main() -> None:
     S, W = args.sink, args.window
     full = mean_nll(model, heldout)
     rows = []
-    for strategy in ["nll", "ratio", "frequency", "first", "last", "pyramid"]:
+    # the cost of one plain forward over the calibration samples, to express each selection's cost in forwards
+    t0 = time.perf_counter()
+    mean_nll(model, calib)
+    forward = time.perf_counter() - t0
+    for strategy in ["nll", "error", "ratio", "frequency", "first", "last", "pyramid"]:
         t0 = time.perf_counter()
         layers = select_with_stats(model, calib, args.fraction, strategy, S, W, args.last_queries).layers
         took = time.perf_counter() - t0
@@ -84,10 +88,10 @@ def main() -> None:
 
     print(f"\nmodel={args.model} tokens/sample={args.length} S={S} W={W} lazy={args.fraction:.0%} "
           f"calibration={args.calib} held-out={args.heldout} full-model NLL={full:.4f}")
-    print("| strategy | held-out NLL increase |\n|---|---:|")
-    for strategy, d, _, _ in rows:
+    print("| strategy | held-out NLL increase | selection cost |\n|---|---:|---:|")
+    for strategy, d, _, took in rows:
         name = f"{strategy} (default)" if strategy == "nll" else strategy
-        print(f"| {name} | {d:+.4f} |")
+        print(f"| {name} | {d:+.4f} | {took:.0f} s ({took / forward:.1f} forwards) |")
     print(f"| random, mean ± sd of {len(draws)} draws | {statistics.mean(draws):+.4f} ± {statistics.stdev(draws):.4f} "
           f"(min {min(draws):+.4f}, max {max(draws):+.4f}) |")
 

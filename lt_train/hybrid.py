@@ -158,13 +158,13 @@ def one_query_sdpa(query, key, value, mask, scaling) -> torch.Tensor:
     return out.reshape(B, Hq, 1, D)
 
 
-def _observe(online, module, query, key, attention_mask, kwargs, scaling) -> None:
+def _observe(online, module, query, key, value, attention_mask, kwargs, scaling) -> None:
     B, _, Q, _ = query.shape
     pos = kwargs.get("position_ids")
     pos = torch.arange(Q, device=query.device)[None] if pos is None else pos
     valid = _mask_key_validity(attention_mask)
     valid = contiguous_validity(pos.expand(B, Q)) if valid is None else valid[:, -Q:]
-    online.observe(module.layer_idx, query, key, valid, pos, scaling)
+    online.observe(module.layer_idx, query, key, valid, pos, scaling, value=value, o_proj=module.o_proj)
 
 
 # (positions, weak mask) of the last packed-row mask built under sequence parallelism: every full layer of a
@@ -212,7 +212,7 @@ def _make_attention(base: str):
             out = _base_attention(base, module)(module, query, key, value, attention_mask, scaling=scaling,
                                                 dropout=dropout, **kwargs)
             if online is not None:
-                _observe(online, module, query, key, attention_mask, kwargs, scaling)
+                _observe(online, module, query, key, value, attention_mask, kwargs, scaling)
             return out
         if dropout and module.training:
             raise NotImplementedError("attention dropout is not supported in streaming layers")
@@ -240,7 +240,7 @@ def make_cache(config, max_cache_len: int | None = None) -> Cache:
     hc = HybridConfig.from_model_config(config)
     if hc.online_num_lazy is not None:
         return OnlineHybridCache(config, hc.online_num_lazy, hc.sink_tokens, hc.window, hc.last_queries,
-                                 max_cache_len=max_cache_len)
+                                 max_cache_len=max_cache_len, criterion=hc.online_criterion)
     return HybridCache(config, max_cache_len=max_cache_len)
 
 

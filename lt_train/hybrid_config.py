@@ -9,6 +9,7 @@ from .attention import BACKENDS
 from .lazy_ratio import resolve_num_lazy
 
 CONFIG_KEY = "lt_hybrid"
+ONLINE_CRITERIA = ("ratio", "error")
 
 
 @dataclass
@@ -22,6 +23,7 @@ class HybridConfig:
     # LightTransfer-Test: choose this many (or this fraction of) layers during each prefill instead
     online_num_lazy: int | float | None = None
     last_queries: int = 64  # queries whose attention decides online selection
+    online_criterion: str = "ratio"  # how online selection ranks layers: "ratio" (attention mass) | "error"
 
     def validate(self, num_layers: int | None = None) -> None:
         if self.sink_tokens < 0:
@@ -39,6 +41,8 @@ class HybridConfig:
         if self.online_num_lazy is not None and self.lazy_layers:
             raise ValueError("give either lazy_layers (chosen offline) or online_num_lazy (chosen during "
                              "prefill), not both")
+        if self.online_criterion not in ONLINE_CRITERIA:
+            raise ValueError(f"unknown online_criterion {self.online_criterion!r}; choose one of {ONLINE_CRITERIA}")
         if self.last_queries < 1:
             raise ValueError(f"last_queries must be >= 1, got {self.last_queries}")
         if num_layers is not None and self.online_num_lazy is not None:

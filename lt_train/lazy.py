@@ -18,10 +18,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from .distributed import all_reduce_tensor, group
-from .lazy_ratio import layer_lazy_ratio, resolve_num_lazy  # noqa: F401 -- part of this module's interface
+from .lazy_ratio import layer_lazy_ratio, layer_output_error, resolve_num_lazy  # noqa: F401 -- part of this module's interface
 from .nll import decoder_of
 
-STRATEGIES = ("default", "nll", "ratio", "frequency", "random", "first", "last", "pyramid")
+STRATEGIES = ("default", "nll", "error", "ratio", "frequency", "random", "first", "last", "pyramid")
 DEFAULT_STRATEGY = "nll"  # measured best on SmolLM2 (README, benchmarks/selection_quality.py)
 
 
@@ -35,7 +35,7 @@ def _probe_attention(base: str):
     def probe(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         rec = getattr(module, "_lt_probe", None)
         if rec is not None:
-            rec(module.layer_idx, query, key, scaling)
+            rec(module, query, key, value, scaling)
         from .hybrid import _base_attention
 
         return _base_attention(base, module)(module, query, key, value, attention_mask, scaling=scaling,
@@ -56,6 +56,15 @@ def _register_probe(base: str) -> str:
 def lazy_ratios_per_head(model, input_ids, sink_tokens: int = 4, recent_tokens: int = 1020,
                          last_queries: int = 64, attention_mask=None) -> torch.Tensor:
     """[num_layers, num_heads] lazy ratios, averaged over the batch (see `layer_lazy_ratio`)."""
+    return layer_statistics(model, input_ids, sink_tokens, recent_tokens, last_queries, attention_mask)[0]
+
+
+@torch.no_grad()
+def layer_statistics(model, input_ids, sink_tokens: int = 4, recent_tokens: int = 1020, last_queries: int = 64,
+                     attention_mask=None, output_error: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward: the per-head lazy ratios [num_layers, num_heads] and, with `output_error`, each layer's
+    relative output error under streaming attention [num_layers] (`layer_output_error`), both averaged over
+    the batch."""
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
     base = model.config._attn_implementation or "sdpa"
@@ -64,10 +73,14 @@ def lazy_ratios_per_head(model, input_ids, sink_tokens: int = 4, recent_tokens: 
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
     out: dict[int, torch.Tensor] = {}
+    errors: dict[int, torch.Tensor] = {}
 
-    def record(layer_idx, q, k, scaling):
-        r = layer_lazy_ratio(q, k, valid.to(q.device), sink_tokens, recent_tokens, last_queries, scaling)
-        out[layer_idx] = r.mean(0).cpu()
+    def record(module, q, k, v, scaling):
+        ok = valid.to(q.device)
+        out[module.layer_idx] = layer_lazy_ratio(q, k, ok, sink_tokens, recent_tokens, last_queries, scaling).mean(0).cpu()
+        if output_error:
+            errors[module.layer_idx] = layer_output_error(q, k, v, ok, sink_tokens, recent_tokens, last_queries,
+                                                          module.o_proj, scaling).mean(0).cpu()
 
     model.set_attn_implementation(_register_probe(base))
     try:
@@ -79,7 +92,8 @@ def lazy_ratios_per_head(model, input_ids, sink_tokens: int = 4, recent_tokens: 
         for m in modules:
             del m._lt_probe
         model.set_attn_implementation(base)
-    return torch.stack([out[i] for i in sorted(out)])
+    ratios = torch.stack([out[i] for i in sorted(out)])
+    return ratios, (torch.stack([errors[i] for i in sorted(errors)]) if output_error else None)
 
 
 def lazy_ratios(model, input_ids, sink_tokens: int = 4, recent_tokens: int = 1020, last_queries: int = 64,
@@ -117,6 +131,7 @@ class Selection:
     sample_lengths: list[int]
     frequency: list[int] | None = None  # times each layer was among a sample's top-k laziest
     delta_nll: list[float] | None = None  # per layer, converted alone (strategy "nll")
+    output_error: list[float] | None = None  # per layer, relative output error of streaming (strategy "error")
     base_nll: float | None = None
     short_samples: int = 0
 
@@ -166,11 +181,16 @@ def select_with_stats(model, samples, num_lazy, strategy: str = "default", sink_
     # (zeros elsewhere) gives every rank the same statistics, so they all choose the same layers.
     rank, world_size = group()
     heads = None
+    want_error = strategy == "error"
+    errors = torch.zeros(len(samples), L, dtype=torch.float64)
     for k in tqdm(range(rank, len(samples), world_size), desc="lazy ratios", disable=not progress):
-        h = lazy_ratios_per_head(model, samples[k].to(dev)[None], sink_tokens, recent_tokens, last_queries)
+        h, e = layer_statistics(model, samples[k].to(dev)[None], sink_tokens, recent_tokens, last_queries,
+                                output_error=want_error)
         if heads is None:
             heads = torch.zeros(len(samples), *h.shape, dtype=torch.float64)
         heads[k] = h.double().cpu()
+        if e is not None:
+            errors[k] = e.double()
     if heads is None:  # more ranks than samples: this rank measured none; learn the shape from one sample
         h = lazy_ratios_per_head(model, samples[0].to(dev)[None], sink_tokens, recent_tokens, last_queries)
         heads = torch.zeros(len(samples), *h.shape, dtype=torch.float64)
@@ -189,6 +209,10 @@ def select_with_stats(model, samples, num_lazy, strategy: str = "default", sink_
                 counts[i] += 1
         sel.frequency = counts
         layers = sorted(range(L), key=lambda i: (-counts[i], -mean_ratio[i].item()))[:n]
+    elif strategy == "error":  # the layers whose output streaming attention changes least
+        err = all_reduce_tensor(errors).mean(0)
+        sel.output_error = err.tolist()
+        layers = sorted(range(L), key=lambda i: (err[i].item(), -mean_ratio[i].item()))[:n]
     elif strategy == "random":
         layers = _random.Random(seed).sample(range(L), n)
     elif strategy == "first":

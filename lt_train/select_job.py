@@ -40,7 +40,9 @@ def plot_ratios(path: str, result: dict) -> None:
     L = len(result["per_layer_ratio"])
     chosen = set(result["lazy_layers"])
     colors = ["tab:orange" if i in chosen else "tab:blue" for i in range(L)]
-    panels = 2 if result.get("delta_nll") else 1
+    second = ("delta_nll", "NLL increase, layer alone") if result.get("delta_nll") else (
+        ("output_error", "relative output error") if result.get("output_error") else None)
+    panels = 2 if second else 1
     fig, axes = plt.subplots(panels, 1, figsize=(max(6, L * 0.3), 3.2 * panels), squeeze=False)
     ax = axes[0][0]
     ax.bar(range(L), result["per_layer_ratio"], color=colors)
@@ -49,8 +51,8 @@ def plot_ratios(path: str, result: dict) -> None:
                  f"S={result['sink_tokens']} W={result['recent_tokens']}")
     if panels == 2:
         ax = axes[1][0]
-        ax.bar(range(L), result["delta_nll"], color=colors)
-        ax.set_ylabel("NLL increase, layer alone")
+        ax.bar(range(L), result[second[0]], color=colors)
+        ax.set_ylabel(second[1])
     ax.set_xlabel("layer")
     if L <= 64:
         for a in axes[:, 0]:
@@ -91,6 +93,7 @@ def run(cfg) -> dict:
         "per_sample": [{"length": n, "ratio": r} for n, r in zip(sel.sample_lengths, sel.per_sample_ratio)],
         "frequency": sel.frequency,
         "delta_nll": sel.delta_nll,
+        "output_error": sel.output_error,
         "base_nll": sel.base_nll,
         "short_samples": sel.short_samples,
         "model": {"name": cfg.model.name, "revision": cfg.model.get("revision"),

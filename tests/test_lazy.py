@@ -135,6 +135,62 @@ def test_nll_strategy_ranks_layers_by_measured_damage():
     assert abs(mean_nll(model, samples) - base - sel.delta_nll[3]) < 1e-5
 
 
+def _output_error_reference(model, ids, am, S, W, nq):
+    """Per-layer relative output error from real forwards: each layer's o_proj output on the last nq real queries
+    with full attention vs with that layer alone converted to streaming (the layers before it are unchanged, so
+    it sees the same input), ||y_stream - y_full|| / ||y_full|| per query, averaged over queries and rows."""
+    from lt_train import HybridConfig, convert_to_hybrid, revert_hybrid
+
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    mods = [m for m in model.modules() if hasattr(m, "o_proj")]
+    L = len(mods)
+
+    def o_proj_outputs(layer):
+        got = {}
+        h = mods[layer].o_proj.register_forward_hook(lambda m, i, o: got.setdefault("y", o.detach()))
+        with torch.no_grad():
+            model(ids, attention_mask=am, position_ids=pos)
+        h.remove()
+        return got["y"]  # [B, T, hidden]
+
+    full = [o_proj_outputs(i) for i in range(L)]
+    errs = []
+    for i in range(L):
+        convert_to_hybrid(model, HybridConfig([i], S, W))
+        y = o_proj_outputs(i)
+        revert_hybrid(model)
+        per_row = []
+        for b in range(ids.shape[0]):
+            qs = am[b].nonzero().flatten()[-nq:]
+            d = (y[b, qs] - full[i][b, qs]).norm(dim=-1) / full[i][b, qs].norm(dim=-1)
+            per_row.append(d.mean())
+        errs.append(torch.stack(per_row).mean())
+    return torch.stack(errs)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_output_error_matches_real_streaming_forwards(arch):
+    from lt_train.lazy import layer_statistics
+
+    model = tiny_model(arch)
+    ids = torch.randint(3, 128, (3, 50))
+    am = torch.ones_like(ids)
+    am[1, :7] = 0  # left padding
+    am[2, :20] = 0
+    S, W, nq = 3, 9, 12
+    _, err = layer_statistics(model, ids, S, W, nq, attention_mask=am, output_error=True)
+    ref = _output_error_reference(model, ids, am, S, W, nq)
+    torch.testing.assert_close(err, ref, atol=1e-5, rtol=1e-4)
+    assert (ref > 0.01).all()  # the window matters here: a statistic of zeros would not pass
+
+
+def test_error_strategy_picks_the_layers_with_the_smallest_output_error():
+    model = tiny_model("qwen3", num_layers=5)
+    sel = select_with_stats(model, _samples(2, T=40), 2, "error", 2, 6, 8)
+    assert len(sel.output_error) == 5 and sel.strategy == "error"
+    assert sel.layers == sorted(sorted(range(5), key=lambda i: sel.output_error[i])[:2])
+
+
 def test_selection_input_errors():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="no samples"):

@@ -8,7 +8,7 @@ import torch
 
 from lt_train import HybridConfig, OnlineHybridCache, convert_to_hybrid
 from lt_train.cache import StreamingLayer
-from lt_train.lazy import lazy_ratios
+from lt_train.lazy import layer_statistics, lazy_ratios
 from lt_train.models import tiny_model
 from reference import reference_greedy
 
@@ -33,19 +33,32 @@ def _simulate_queue(ratios, num_full):
     return sorted(lazy), alive
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_online_selection_generates_and_matches_reference(arch):
+@pytest.mark.parametrize("arch,criterion", [("llama", "ratio"), ("qwen2", "ratio"), ("qwen3", "error"),
+                                           ("mistral", "error")])
+def test_online_selection_generates_and_matches_reference(arch, criterion):
+    """The queue, fed the offline statistic of each layer (the lazy ratio, or minus the output error), picks the
+    same layers as the cache during a real prefill; decoding then matches the reference."""
     model = tiny_model(arch, num_layers=L)
     ref = copy.deepcopy(model)
     ids, am = _prompt()
-    expected_lazy, expected_alive = _simulate_queue(lazy_ratios(model, ids, S, W, LQ, attention_mask=am), L - N_LAZY)
+    if criterion == "ratio":
+        laziness = lazy_ratios(model, ids, S, W, LQ, attention_mask=am)
+    else:
+        laziness = -layer_statistics(model, ids, S, W, LQ, attention_mask=am, output_error=True)[1]
+    expected_lazy, expected_alive = _simulate_queue(laziness, L - N_LAZY)
 
-    convert_to_hybrid(model, HybridConfig([], S, W, online_num_lazy=N_LAZY, last_queries=LQ))
+    convert_to_hybrid(model, HybridConfig([], S, W, online_num_lazy=N_LAZY, last_queries=LQ,
+                                          online_criterion=criterion))
     out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=8, do_sample=False, pad_token_id=0,
                          eos_token_id=None, return_dict_in_generate=True)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     assert isinstance(cache, OnlineHybridCache)
     assert cache.lazy_layers == expected_lazy
+    seen = cache.errors if criterion == "error" else cache.ratios  # the statistic the queue ranked by
+    assert not (cache.ratios if criterion == "error" else cache.errors)
+    sign = -1 if criterion == "error" else 1
+    torch.testing.assert_close(torch.tensor([sign * seen[i] for i in range(L)]), laziness.float(), atol=1e-5,
+                               rtol=1e-4)
     assert cache.max_full_alive == expected_alive <= (L - N_LAZY) + 1
     for i, layer in enumerate(cache.layers):
         assert isinstance(layer, StreamingLayer) == (i in expected_lazy)
@@ -63,6 +76,8 @@ def test_online_selection_generates_and_matches_reference(arch):
 
 
 def test_online_config_errors():
+    with pytest.raises(ValueError, match="unknown online_criterion 'mass'"):
+        convert_to_hybrid(tiny_model("llama"), HybridConfig([], online_num_lazy=2, online_criterion="mass"))
     with pytest.raises(ValueError, match="not both"):
         convert_to_hybrid(tiny_model("llama"), HybridConfig([1], online_num_lazy=2))
     with pytest.raises(ValueError, match="out of range"):

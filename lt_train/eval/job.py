@@ -40,7 +40,8 @@ def hybrid_from_config(hcfg) -> HybridConfig | None:
     S, W = int(hcfg.get("sink_tokens", 4)), int(hcfg.get("window", 1020))
     backend = hcfg.get("backend", "auto")
     if chosen[0] == "online_num_lazy":
-        return HybridConfig([], S, W, backend, online_num_lazy=hcfg.online_num_lazy)
+        return HybridConfig([], S, W, backend, online_num_lazy=hcfg.online_num_lazy,
+                            online_criterion=hcfg.get("online_criterion", "ratio"))
     if chosen[0] == "from_file":
         sel = read_selection(str(hcfg.from_file), "hybrid.from_file")
         # the layers were chosen for the file's S and W: use those
