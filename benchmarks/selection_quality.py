@@ -1,6 +1,6 @@
 """Held-out NLL of SmolLM2-135M with half its layers lazy, per selection strategy.
 
-    python benchmarks/selection_quality.py [--length 2048 --sink 4 --window 252 --calib 4 --heldout 8]
+    python benchmarks/selection_quality.py [--length 2048 --sink 4 --window 252 --calib 4 --heldout 8] [--no-online]
 
 Real long chain-of-thought text (problem + response) from ../shared/data/long_cot_sft.jsonl (or --data): the
 first --calib samples long enough are used to select layers, the next --heldout ones to measure the NLL
@@ -57,6 +57,10 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=4)
     ap.add_argument("--heldout", type=int, default=8)
     ap.add_argument("--random-draws", type=int, default=5)
+    ap.add_argument("--strategies", default="nll,error,ratio,frequency,first,last,pyramid",
+                    help="comma-separated offline strategies to compare (nll takes one forward per layer and sample)")
+    ap.add_argument("--online", action=argparse.BooleanOptionalAction, default=True,
+                    help="also compare the online criteria (LightTransfer-Test)")
     args = ap.parse_args()
 
     model = load_model(args.model).eval()
@@ -70,7 +74,7 @@ def main() -> None:
     t0 = time.perf_counter()
     mean_nll(model, calib)
     forward = time.perf_counter() - t0
-    for strategy in ["nll", "error", "ratio", "frequency", "first", "last", "pyramid"]:
+    for strategy in args.strategies.split(","):
         t0 = time.perf_counter()
         layers = select_with_stats(model, calib, args.fraction, strategy, S, W, args.last_queries).layers
         took = time.perf_counter() - t0
@@ -92,8 +96,55 @@ def main() -> None:
     for strategy, d, _, took in rows:
         name = f"{strategy} (default)" if strategy == "nll" else strategy
         print(f"| {name} | {d:+.4f} | {took:.0f} s ({took / forward:.1f} forwards) |")
-    print(f"| random, mean ± sd of {len(draws)} draws | {statistics.mean(draws):+.4f} ± {statistics.stdev(draws):.4f} "
-          f"(min {min(draws):+.4f}, max {max(draws):+.4f}) |")
+    if len(draws) > 1:
+        print(f"| random, mean ± sd of {len(draws)} draws | {statistics.mean(draws):+.4f} ± "
+              f"{statistics.stdev(draws):.4f} (min {min(draws):+.4f}, max {max(draws):+.4f}) | |")
+    if args.online:
+        rows_online = online_rows(model, heldout, args)
+        print(f"\nLightTransfer-Test (online, {args.fraction:.0%} lazy, chosen during the prefill of the first "
+              f"{args.length // 2} tokens; NLL of the other {args.length - args.length // 2} teacher-forced):")
+        print("| online criterion | continuation NLL increase | seconds (prefill + continuation, all texts) |")
+        print("|---|---:|---:|")
+        for criterion, d, took in rows_online:
+            print(f"| {criterion} | {d:+.4f} | {took:.0f} |")
+
+
+@torch.no_grad()
+def continuation_nll(model, ids: torch.Tensor, prompt: int, cache) -> tuple[float, list[int]]:
+    """Mean NLL of the tokens after the first `prompt` ones, teacher-forced through `cache` after a prefill of
+    the prompt (an online cache picks its lazy layers during that prefill); and the layers it made lazy."""
+    import torch.nn.functional as F
+
+    first = model(ids[None, :prompt], cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    pos = torch.arange(prompt, ids.numel())[None]
+    rest = model(ids[None, prompt:], cache=cache, use_cache=True, position_ids=pos).logits[0]
+    logits = torch.cat([first[None], rest[:-1]])
+    nll = F.cross_entropy(logits.float(), ids[prompt:]).item()
+    return nll, list(getattr(cache, "lazy_layers", []))
+
+
+def online_rows(model, heldout, args) -> list[tuple[str, float, float]]:
+    """LightTransfer-Test: on each held-out text the first half is the prompt, during whose prefill the online
+    queue picks the lazy layers (by `ratio` or by `error`); the second half is teacher-forced through the
+    resulting cache. Rows: (criterion, NLL increase over the full model, seconds)."""
+    from transformers import DynamicCache
+
+    from lt_train.hybrid import make_cache
+
+    half = args.length // 2
+    full = statistics.mean(continuation_nll(model, t, half, DynamicCache(config=model.config))[0] for t in heldout)
+    out = []
+    for criterion in ("ratio", "error"):
+        convert_to_hybrid(model, HybridConfig([], args.sink, args.window, online_num_lazy=args.fraction,
+                                              last_queries=args.last_queries, online_criterion=criterion))
+        t0 = time.perf_counter()
+        res = [continuation_nll(model, t, half, make_cache(model.config)) for t in heldout]
+        took = time.perf_counter() - t0
+        revert_hybrid(model)
+        out.append((criterion, statistics.mean(r[0] for r in res) - full, took))
+        print(f"online {criterion:>6}: dNLL {out[-1][1]:+.4f} ({took:.0f}s; layers of the first text {res[0][1]})",
+              flush=True)
+    return out
 
 
 if __name__ == "__main__":

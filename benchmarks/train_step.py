@@ -4,8 +4,8 @@
 
 One step = forward + backward + optimizer step on one sequence, LoRA (default) or full fine-tuning, fp32.
 Hybrid: half the layers lazy (every other layer), S=4, W=1020, chunked-SDPA streaming attention. Both
-variants are timed interleaved in one run; peak memory is the process's peak RSS growth over a step,
-measured in a fresh subprocess per variant and length (resident memory above the pre-step level, sampled).
+variants are timed interleaved in one run; peak memory is the growth of the process's peak resident memory
+(`ru_maxrss`) over one step, in a fresh subprocess per variant and length.
 """
 from __future__ import annotations
 
@@ -55,31 +55,17 @@ def step_fn(model, opt, T: int, vocab: int):
     return run
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def measure_step_memory(model_name: str, hybrid: bool, mode: str, sink: int, window: int, T: int) -> float:
-    """Peak resident memory of one training step above the level after loading (the allocator keeps freed
-    pages, so a second step would mostly reuse them and hide the peak), sampled every 5 ms."""
-    import threading
+    """Peak resident memory of one training step above the peak reached while loading: the kernel's own
+    high-water mark (`ru_maxrss`), exact where sampling the resident size can miss a short-lived peak. One
+    step in a fresh process (the allocator keeps freed pages, so a second step would hide the peak)."""
+    import resource
 
     model, opt = build(model_name, hybrid, mode, sink, window)
     f = step_fn(model, opt, T, model.config.vocab_size)
-    base, peak, done = _rss_mib(), [0.0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_mib())
-            done.wait(0.005)
-
-    t = threading.Thread(target=sample)
-    t.start()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     f()
-    done.set()
-    t.join()
-    return peak[0] - base
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
 
 
 def peak_memory(args, hybrid: bool, T: int) -> float:

@@ -52,7 +52,34 @@ def contiguous_validity(pos: torch.Tensor) -> torch.Tensor:
     return (pos == expected) & (expected >= 0)
 
 
-class FullLayer(CacheLayerMixin):
+class _CountedLayer(CacheLayerMixin):
+    """What both layer kinds share: the tokens seen so far (not the buffer size) and the batch operations,
+    written once over each layer's own `_select(fn)` (fn applied to every per-row tensor it holds)."""
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # the full-length mask: a streaming layer looks its slots up in it by cache index
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def _select(self, fn) -> None:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(lambda x: x[indices.to(x.device)])
+
+
+class FullLayer(_CountedLayer):
     """A full layer's cache in a preallocated buffer: each step writes its tokens in place and attention reads a
     view of the filled part, so no step copies the whole history (transformers' `DynamicLayer` does, by
     `torch.cat`). Sized from `max_cache_len` when the caller knows it (generate, the evaluator), else grown by an
@@ -102,15 +129,6 @@ class FullLayer(CacheLayerMixin):
         self._views()
         return self.keys, self.values
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove")
@@ -128,15 +146,6 @@ class FullLayer(CacheLayerMixin):
             self._k, self._v = fn(self._k[:, :, : self.seen]), fn(self._v[:, :, : self.seen])
             self._views()
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select(lambda x: x.index_select(0, beam_idx.to(x.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select(lambda x: x.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select(lambda x: x[indices.to(x.device)])
-
     def nbytes(self) -> int:
         """Bytes allocated (the whole buffer, not only the filled part)."""
         if not self.is_initialized:
@@ -144,7 +153,7 @@ class FullLayer(CacheLayerMixin):
         return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
 
 
-class StreamingLayer(CacheLayerMixin):
+class StreamingLayer(_CountedLayer):
     """Constant-size cache for one lazy layer: S sinks + a ring of the W most recent tokens.
 
     A decode step (one new token per row) writes its token into the ring first, over the token that just left
@@ -288,16 +297,6 @@ class StreamingLayer(CacheLayerMixin):
         self.last_pad = max(self.last_pad, int(pad_idx.max()))
         self.last_odd = max(self.last_odd, int(odd_idx.max()))
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # The full-length mask: the attention looks slots up in it by cache index.
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.keys = self.values = None
         self.is_initialized = False
@@ -308,15 +307,6 @@ class StreamingLayer(CacheLayerMixin):
         if self.is_initialized:
             self.keys, self.values = fn(self.keys), fn(self.values)
             self.pos, self.idx = fn(self.pos), fn(self.idx)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select(lambda x: x.index_select(0, beam_idx.to(x.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select(lambda x: x.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select(lambda x: x[indices.to(x.device)])
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(

@@ -27,13 +27,18 @@ def _eager_reference(model, ids, am, S, W, nq):
     return torch.stack(res)
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_lazy_ratios_match_eager_probabilities(arch):
-    model = tiny_model(arch)
+def _left_padded_batch():
     ids = torch.randint(3, 128, (3, 50))
     am = torch.ones_like(ids)
     am[1, :7] = 0  # left padding
     am[2, :20] = 0
+    return ids, am
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_lazy_ratios_match_eager_probabilities(arch):
+    model = tiny_model(arch)
+    ids, am = _left_padded_batch()
     S, W, nq = 3, 9, 12
     got = lazy_ratios_per_head(model, ids, S, W, nq, attention_mask=am)
     ref = _eager_reference(model, ids, am, S, W, nq)
@@ -173,10 +178,7 @@ def test_output_error_matches_real_streaming_forwards(arch):
     from lt_train.lazy import layer_statistics
 
     model = tiny_model(arch)
-    ids = torch.randint(3, 128, (3, 50))
-    am = torch.ones_like(ids)
-    am[1, :7] = 0  # left padding
-    am[2, :20] = 0
+    ids, am = _left_padded_batch()
     S, W, nq = 3, 9, 12
     _, err = layer_statistics(model, ids, S, W, nq, attention_mask=am, output_error=True)
     ref = _output_error_reference(model, ids, am, S, W, nq)

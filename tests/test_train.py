@@ -13,6 +13,12 @@ def _ok(proc):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def _same_losses(run_a, run_b, steps):
+    a, b = losses(run_a), losses(run_b)
+    for step in steps:
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
@@ -55,9 +61,7 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path, mode)
     resumed = run_train(tmp_path / "b", args)
     _ok(resumed)
     assert "resumed from" in resumed.stdout and "step 4" in resumed.stdout
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    for step in (5, 6):
-        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7)
+    _same_losses(tmp_path / "a", tmp_path / "b", (5, 6))
 
 
 def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
@@ -168,9 +172,7 @@ def test_preempted_run_checkpoints_the_step_in_flight_and_resumes_exactly(tmp_pa
     resumed = run_train(tmp_path / "b", args)
     _ok(resumed)
     assert "resumed from" in resumed.stdout and "step_0000003" in resumed.stdout
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    for step in range(1, 7):
-        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7)
+    _same_losses(tmp_path / "a", tmp_path / "b", range(1, 7))
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
@@ -188,9 +190,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     resumed = run_train(tmp_path / "b", args)
     _ok(resumed)
     assert "step_0000004 does not load" in resumed.stderr and "step_0000003 at step 3" in resumed.stdout
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    for step in (4, 5):
-        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7)
+    _same_losses(tmp_path / "a", tmp_path / "b", (4, 5))
     for d in os.listdir(root):
         if d.startswith("step_"):
             (root / d / "trainer_state.json").unlink()
