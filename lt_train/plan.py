@@ -5,7 +5,8 @@ module and the LoRA adapters' sizes are read off it, and the activations one dec
 are measured by running that layer on meta tensors with `saved_tensors_hooks`. Meta tensors have no fused
 attention kernel (SDPA would fall back to the T x T math path there), so attention itself is replaced during
 that trace by a stand-in that saves exactly what the real kernel saves (query, key, value, output, log-sum-exp;
-for the chunked streaming SDPA, the blocked queries / keys / values / output and, once, the block mask).
+for the chunked streaming SDPA, q, k, v and the causal head's output, its blocked part being recomputed in
+backward; the cached block mask is counted once per step).
 
 Per device (a GPU, or the process itself on a CPU run) the plan adds:
 - model states, with DeepSpeed's own arithmetic for ZeRO (estimate_zero2/3_model_states_mem_needs: 16-bit
@@ -215,8 +216,8 @@ class _SavedLike(torch.autograd.Function):
 
 def _plan_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention stand-in for the trace: saves what the real kernel saves. Full layers (and streaming layers
-    on flex / flash-attn): q, k, v, out, lse. Chunked streaming SDPA: the blocked queries, keys, values and
-    output, lse, and the whole k and v (the sink gather keeps them); see attention/sdpa.py.
+    on flex / flash-attn): q, k, v, out, lse. Chunked streaming SDPA: q, k, v and the first W queries' output
+    and lse (the blocked part is recomputed in backward); see attention/sdpa.py.
     Under sequence parallelism (`module.lt_plan_sp` = N) the layer holds T/N tokens and the kernel runs on what
     Ulysses' all-to-all hands it: all T tokens of Hq/N query heads and Hkv/N key-value heads (at least one:
     DeepSpeed replicates KV heads when N exceeds them)."""
@@ -237,31 +238,24 @@ def _plan_attention(module, query, key, value, attention_mask, scaling=None, dro
 
 def _kernel_saves(module, query, key, value):
     B, Hq, T, D = query.shape
-    Hkv = key.shape[1]
     spec = getattr(module, "lt_plan", None)  # (sink, window, backend) on lazy layers
     if spec is None or spec[2] != "sdpa" or spec[1] >= T:
         lse = query.new_empty(B, Hq, T, dtype=torch.float32)
         out = _SavedLike.apply(query, query, key, value, lse)
     else:
-        S, W, _ = spec
-        block = min(SDPA_BLOCK, T)
-        nblk = -(-T // block)
-        L = S + block + W - 1
-        qb = query.new_empty(B * nblk, Hq, block, D)
-        kb = key.new_empty(B * nblk, Hkv, L, D)
-        vb = value.new_empty(B * nblk, Hkv, L, D)
-        ob = query.new_empty(B * nblk, Hq, block, D)  # SDPA keeps its (blocked) output
-        lse = query.new_empty(B * nblk, Hq, block, dtype=torch.float32)
-        sinks = (key, value) if S > 0 else ()  # gathering the sink keys keeps the whole k and v for backward
-        # the block mask is saved too, but it is one tensor shared by all lazy layers: see streaming_mask_bytes
-        out = _SavedLike.apply(query, qb, kb, vb, ob, lse, *sinks)
+        # The blocked part is recomputed in backward (torch.utils.checkpoint, attention/sdpa.py): it keeps only
+        # q, k and v. The first W queries go to the fused causal kernel, which keeps its output and lse.
+        W = spec[1]
+        oh = query.new_empty(B, Hq, W, D)
+        lse = query.new_empty(B, Hq, W, dtype=torch.float32)
+        out = _SavedLike.apply(query, query, key, value, oh, lse)
         out = out + query * 0  # keep the graph connected to q, k, v
     return out
 
 
 def streaming_mask_bytes(tokens: int, sink: int, window: int, elem_bytes: int) -> int:
     """The chunked streaming SDPA's additive block mask [nblk, 1, block, S + block + W - 1], built once per shape
-    and kept for backward by every lazy layer (attention/sdpa.py, _MASK_CACHE): counted once per step."""
+    and kept in attention/sdpa.py's _MASK_CACHE for every lazy layer's forward and recompute: counted once."""
     block = min(SDPA_BLOCK, tokens)
     W = min(window, tokens)
     return -(-tokens // block) * block * (sink + block + W - 1) * elem_bytes
