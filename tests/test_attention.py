@@ -152,3 +152,16 @@ def test_streaming_backward_keeps_no_more_than_dense_causal(pads):
         q, k, v, is_causal=True, enable_gqa=True))
     streaming = saved_bytes(lambda q, k, v: chunked_streaming_sdpa(q, k, v, 4, 200, pad=pad, offset=pad))
     assert streaming <= dense
+
+
+@pytest.mark.parametrize("B,T,sink,window,pads", [CASES[0], CASES[3], CASES[8]])
+def test_sdpa_recompute_fallback_matches_reference(monkeypatch, B, T, sink, window, pads):
+    """Where the CPU flash kernel's backward is not available (CUDA, other devices) backward recomputes the
+    blocked call instead (torch.utils.checkpoint): same values and gradients as the dense reference."""
+    from lt_train.attention import sdpa
+
+    monkeypatch.setattr(sdpa, "_FLASH_CPU_BACKWARD", None)
+    called = []
+    monkeypatch.setattr(sdpa, "checkpoint", lambda *a, **kw: called.append(1) or torch.utils.checkpoint.checkpoint(*a, **kw))
+    _check("sdpa", B, T, sink, window, pads)
+    assert called

@@ -51,9 +51,8 @@ def _masks(
     # that its (discarded) output stays finite and its gradient is zero rather than NaN.
     orphan = (i < pad_) | (i >= T)
     win = win | (orphan & (j == i))
-    sink_idx = None
+    sink_idx = _sink_index(offset, sink)
     if sink > 0:
-        sink_idx = offset.view(-1, 1) + torch.arange(sink, device=device)[None, :]  # [B|1, S]
         s = sink_idx[:, None, None, :]
         ok = (s >= pad.view(-1, 1, 1, 1)) & (s >= 0) & (s < T)
         # Sinks inside the window are already counted there: keep them only where i - s >= W.
@@ -61,6 +60,11 @@ def _masks(
     else:
         sm = None
     return (sm.unsqueeze(2) if sm is not None else None), win.unsqueeze(2), sink_idx
+
+
+def _sink_index(offset: torch.Tensor, sink: int) -> torch.Tensor | None:
+    """Key indices of each row's sinks [B|1, S] (a row's positions start at index offset[b])."""
+    return offset.view(-1, 1) + torch.arange(sink, device=offset.device)[None, :] if sink > 0 else None
 
 
 def complete_padding(pad, offset):
@@ -72,6 +76,13 @@ def complete_padding(pad, offset):
     return pad, offset
 
 
+def _balanced(T: int, block: int) -> int:
+    """The block size at most `block` that splits T queries into the same number of blocks with the least
+    padding (T = 1028, block 256: five blocks of 206, not five of 256 with 252 padded queries)."""
+    block = min(block, T)
+    return -(-T // -(-T // block))
+
+
 def _window_blocks(x: torch.Tensor, W: int, block: int, Tp: int, front: int | None = None) -> torch.Tensor:
     """[B, H, T, D] -> [B, n, H, block + W - 1, D]: the keys that can fall in each query block's window
     (block b: keys b * block - front ..; `front` defaults to W - 1, the window of a block's first query)."""
@@ -80,28 +91,82 @@ def _window_blocks(x: torch.Tensor, W: int, block: int, Tp: int, front: int | No
     return xp.unfold(2, block + W - 1, block).permute(0, 2, 1, 4, 3)
 
 
-def _blocked_sdpa(q, kb, vb, mask, scale, block: int) -> torch.Tensor:
-    """Fold the query blocks into the batch and run one SDPA call: 4-D inputs reach the fused (flash)
-    kernels, 5-D ones fall back to the slow math path on CPU. kb/vb [B, n, Hkv, K, D], mask [B*n, 1, bq, K]."""
-    B, Hq, T, D = q.shape
-    nblk = kb.shape[1]
-    Tp = nblk * block
-    n = B * nblk
-    qb = F.pad(q, (0, 0, 0, Tp - T)).view(B, Hq, nblk, block, D).transpose(1, 2).reshape(n, Hq, block, D)
-    kb = kb.reshape(n, kb.shape[2], -1, D)
-    vb = vb.reshape(n, vb.shape[2], -1, D)
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=Hq != kb.shape[1])
-    return out.view(B, nblk, Hq, block, D).transpose(1, 2).reshape(B, Hq, Tp, D)[:, :, :T]
+def _blocked_sdpa(q, k, v, blocks, mask_fn, scale, block: int) -> torch.Tensor:
+    """Streaming attention of the queries q [B, Hq, Tq, D] as one SDPA call over query blocks folded into the
+    batch (4-D inputs reach the fused flash kernel; 5-D ones fall back to the slow math path on CPU).
+    `blocks(x)` turns k or v [B, Hkv, T, D] into the keys of each block [B, n, Hkv, K, D]; `mask_fn()` gives
+    the additive mask [B*n, 1, block, K] (called again in backward rather than kept).
+
+    With gradients the blocked keys and values are not kept for backward ((S + block + W - 1) / block times
+    the size of k and v each, where a dense fused kernel keeps only its inputs and output): on CPU the fused
+    kernel's own backward runs from the saved output and log-sum-exp on keys rebuilt from k and v
+    (`_BlockedFlashCPU`, no second forward); elsewhere backward recomputes the call (`torch.utils.checkpoint`)."""
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if grad and q.device.type == "cpu" and _FLASH_CPU_BACKWARD is not None:
+        return _BlockedFlashCPU.apply(q, k, v, blocks, mask_fn, scale, block)
+    if grad:
+        return checkpoint(_folded_sdpa, q, k, v, blocks, mask_fn, scale, block,
+                          use_reentrant=False, preserve_rng_state=False)
+    return _folded_sdpa(q, k, v, blocks, mask_fn, scale, block)
 
 
-def _recomputed(fn, q, k, v, *args):
-    """`fn(q, k, v, *args)`; when gradients flow, backward recomputes it from q, k, v (`torch.utils.checkpoint`)
-    instead of keeping what it built: the blocked keys and values are (S + block + W - 1) / block times the size
-    of k and v each, where a dense fused kernel keeps only its inputs and output. The recompute costs one more
-    streaming forward per lazy layer, a small share of the step."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return checkpoint(fn, q, k, v, *args, use_reentrant=False, preserve_rng_state=False)
-    return fn(q, k, v, *args)
+def _to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[B, H, T, D] -> [B * n, H, block, D], the last block padded with zeros."""
+    B, H, T, D = x.shape
+    n = -(-T // block)
+    return F.pad(x, (0, 0, 0, n * block - T)).view(B, H, n, block, D).transpose(1, 2).reshape(B * n, H, block, D)
+
+
+def _from_blocks(xb: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """The inverse of `_to_blocks`: [B * n, H, block, D] -> [B, H, T, D]."""
+    n, H, block, D = xb.shape[0] // B, xb.shape[1], xb.shape[2], xb.shape[3]
+    return xb.view(B, n, H, block, D).transpose(1, 2).reshape(B, H, n * block, D)[:, :, :T]
+
+
+def _fold(x: torch.Tensor) -> torch.Tensor:
+    """[B, n, H, K, D] -> [B * n, H, K, D]."""
+    return x.reshape(-1, *x.shape[2:])
+
+
+def _folded_sdpa(q, k, v, blocks, mask_fn, scale, block) -> torch.Tensor:
+    qb, kb, vb = _to_blocks(q, block), _fold(blocks(k)), _fold(blocks(v))
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask_fn(), scale=scale,
+                                         enable_gqa=qb.shape[1] != kb.shape[1])
+    return _from_blocks(out, q.shape[0], q.shape[2])
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+class _BlockedFlashCPU(torch.autograd.Function):
+    """`_folded_sdpa` on CPU keeping for backward only q, k, v, the output and the log-sum-exp (what the fused
+    kernel keeps for dense attention). Backward re-blocks them (copies, no attention), runs the kernel's own
+    backward, and sends the blocked key/value gradients back through the blocking (overlapping windows sum)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, blocks, mask_fn, scale, block):
+        qb, kb, vb = _to_blocks(q, block), _fold(blocks(k)), _fold(blocks(v))
+        out, lse = _FLASH_CPU(qb, kb, vb, 0.0, False, attn_mask=mask_fn(), scale=scale)
+        B, T = q.shape[0], q.shape[2]
+        # kept without the padding of the last block (what backward needs of it is rebuilt as zeros)
+        out, lse = _from_blocks(out, B, T).contiguous(), _from_blocks(lse.unsqueeze(-1), B, T).squeeze(-1).contiguous()
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.blocks, ctx.mask_fn, ctx.scale, ctx.block = blocks, mask_fn, scale, block
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        with torch.enable_grad():
+            k_, v_ = k.detach().requires_grad_(), v.detach().requires_grad_()
+            kb, vb = _fold(ctx.blocks(k_)), _fold(ctx.blocks(v_))
+            dq, dkb, dvb = _FLASH_CPU_BACKWARD(
+                _to_blocks(grad_out, ctx.block), _to_blocks(q, ctx.block), kb, vb, _to_blocks(out, ctx.block),
+                _to_blocks(lse.unsqueeze(-1), ctx.block).squeeze(-1), 0.0, False, attn_mask=ctx.mask_fn(),
+                scale=ctx.scale)
+            dk, dv = torch.autograd.grad([kb, vb], [k_, v_], [dkb, dvb])
+        return _from_blocks(dq, q.shape[0], q.shape[2]), dk, dv, None, None, None, None
 
 
 def chunked_streaming_sdpa(
@@ -126,9 +191,9 @@ def chunked_streaming_sdpa(
         # of its tiles, where the blocked path would compute sink + window keys for each); the rest stream.
         head = F.scaled_dot_product_attention(q[:, :, :window], k[:, :, :window], v[:, :, :window],
                                               is_causal=True, scale=scale, enable_gqa=gqa)
-        tail = _recomputed(_streaming_tail, q, k, v, sink, window, scale, block)
+        tail = _streaming_tail(q, k, v, sink, window, scale, block)
         return torch.cat([head, tail], dim=2)
-    return _recomputed(_chunked, q, k, v, sink, window, scale, pad, offset, block)
+    return _chunked(q, k, v, sink, window, scale, pad, offset, block)
 
 
 def _streaming_tail(q, k, v, sink: int, window: int, scale, block: int) -> torch.Tensor:
@@ -138,7 +203,7 @@ def _streaming_tail(q, k, v, sink: int, window: int, scale, block: int) -> torch
     B, Hq, T, D = q.shape
     Hkv, W = k.shape[1], window
     Tq = T - W
-    block = min(block, Tq)
+    block = _balanced(Tq, block)
     nblk = (Tq + block - 1) // block
     key = ("tail", B, T, sink, W, block, q.device, q.dtype)
     if key not in _MASK_CACHE:
@@ -152,14 +217,13 @@ def _streaming_tail(q, k, v, sink: int, window: int, scale, block: int) -> torch
             mask = torch.cat([(i >= s).expand(nblk, 1, block, sink), mask], dim=-1)
         _MASK_CACHE[key] = _additive(mask, q.dtype).expand(B, -1, -1, -1, -1).reshape(B * nblk, 1, block, -1)
     mask = _MASK_CACHE[key]
-    # block b's window keys are W + kj, kj from b * block - (W - 1): indices from b * block + 1 of k
-    kb = _window_blocks(k[:, :, 1:], W, block, nblk * block, front=0)
-    vb = _window_blocks(v[:, :, 1:], W, block, nblk * block, front=0)
-    if sink:
-        ks = k[:, :, :sink].unsqueeze(1).expand(B, nblk, Hkv, sink, D)
-        vs = v[:, :, :sink].unsqueeze(1).expand(B, nblk, Hkv, sink, D)
-        kb, vb = torch.cat([ks, kb], dim=3), torch.cat([vs, vb], dim=3)
-    return _blocked_sdpa(q[:, :, W:], kb, vb, mask, scale, block)
+
+    def blocks(x):  # block b's window keys are W + kj, kj from b * block - (W - 1): from index b * block + 1
+        xb = _window_blocks(x[:, :, 1:], W, block, nblk * block, front=0)
+        if not sink:
+            return xb
+        return torch.cat([x[:, :, :sink].unsqueeze(1).expand(B, nblk, Hkv, sink, D), xb], dim=3)
+    return _blocked_sdpa(q[:, :, W:], k, v, blocks, lambda: mask, scale, block)
 
 
 def _chunked(q, k, v, sink: int, window: int, scale, pad, offset, block: int) -> torch.Tensor:
@@ -167,7 +231,7 @@ def _chunked(q, k, v, sink: int, window: int, scale, pad, offset, block: int) ->
     Hkv = k.shape[1]
     pad, offset = complete_padding(pad, offset)
     W = min(window, T)  # a window longer than the sequence is the same as W = T
-    block = min(block, T)
+    block = _balanced(T, block)
     nblk = (T + block - 1) // block
     Tp = nblk * block
 
@@ -178,17 +242,24 @@ def _chunked(q, k, v, sink: int, window: int, scale, pad, offset, block: int) ->
                 _MASK_CACHE.clear()
             _MASK_CACHE[key] = _sdpa_mask(B, T, sink, W, block, q.device, q.dtype, None, None)
         mask, sink_idx = _MASK_CACHE[key]
-    else:
-        mask, sink_idx = _sdpa_mask(B, T, sink, W, block, q.device, q.dtype, pad, offset)
+    else:  # rebuilt in backward rather than kept: it is as large as the blocked keys
+        sink_idx = _sink_index(offset, sink)
+        mask = None
 
-    kb, vb = _window_blocks(k, W, block, Tp), _window_blocks(v, W, block, Tp)
-    if sink_idx is not None:
+
+    def blocks(x):
+        xb = _window_blocks(x, W, block, Tp)
+        if sink_idx is None:
+            return xb
         idx = sink_idx.clamp(0, T - 1)[:, None, :, None].expand(B, Hkv, sink, D)
-        ks = k.gather(2, idx).unsqueeze(1).expand(B, nblk, Hkv, sink, D)
-        vs = v.gather(2, idx).unsqueeze(1).expand(B, nblk, Hkv, sink, D)
-        kb = torch.cat([ks, kb], dim=3)
-        vb = torch.cat([vs, vb], dim=3)
-    return _blocked_sdpa(q, kb, vb, mask, scale, block)
+        return torch.cat([x.gather(2, idx).unsqueeze(1).expand(B, nblk, Hkv, sink, D), xb], dim=3)
+    if mask is None:
+        def mask_fn():
+            return _sdpa_mask(B, T, sink, W, block, q.device, q.dtype, pad, offset)[0]
+    else:
+        def mask_fn():
+            return mask
+    return _blocked_sdpa(q, k, v, blocks, mask_fn, scale, block)
 
 
 def _sdpa_mask(B, T, sink, W, block, device, dtype, pad, offset):
@@ -255,17 +326,34 @@ def packed_streaming_sdpa(
     document. Attention never crosses documents, and the sinks of a query are the first S tokens of its own
     document. Same blocking as `chunked_streaming_sdpa`; each block gathers the sinks of every document that
     its queries belong to."""
-    return _recomputed(_packed, q, k, v, sink, window, pos, scale, block)
+    return _packed(q, k, v, sink, window, pos, scale, block)
 
 
 def _packed(q, k, v, sink: int, window: int, pos: torch.Tensor, scale, block: int) -> torch.Tensor:
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    dev = q.device
     W = min(window, T)
     block = min(block, T)
     nblk = (T + block - 1) // block
     Tp = nblk * block
+    _, sink_keys = _packed_layout(pos, sink, W, block, q.dtype, mask=False)
+
+    def blocks(x):
+        xb = _window_blocks(x, W, block, Tp)
+        if sink_keys is None:
+            return xb
+        g = sink_keys.view(B, 1, -1, 1).expand(B, Hkv, sink_keys.shape[1] * sink_keys.shape[2], D)
+        return torch.cat([x.gather(2, g).view(B, Hkv, nblk, -1, D).transpose(1, 2), xb], dim=3)
+    return _blocked_sdpa(q, k, v, blocks, lambda: _packed_layout(pos, sink, W, block, q.dtype)[0], scale, block)
+
+
+def _packed_layout(pos: torch.Tensor, sink: int, W: int, block: int, dtype, mask: bool = True):
+    """For packed rows: the additive mask [B * n, 1, block, sinks + L] (None with mask=False) and the key index
+    of each block's sinks [B, n, nd * S] (None without sinks): every document its queries belong to lends
+    its first S tokens."""
+    B, T = pos.shape
+    dev = pos.device
+    nblk = (T + block - 1) // block
     L = block + W - 1
     t = torch.arange(T, device=dev)
     start = t[None] - pos  # index where each token's document starts  [B, T]
@@ -282,13 +370,13 @@ def _packed(q, k, v, sink: int, window: int, pos: torch.Tensor, scale, block: in
     qc = qi.clamp(max=T - 1)
     q_start = start.gather(1, qc.reshape(1, -1).expand(B, -1)).view(B, nblk, block)
     in_range = qi < T
-    # window part: same document, 0 <= i - j < W
-    kjc = kj.clamp(0, T - 1)
-    k_start = start.gather(1, kjc.reshape(1, -1).expand(B, -1)).view(B, nblk, 1, L)
-    i, j = qi[None, :, :, None], kj[None, :, None, :]
-    win = (j >= 0) & (j <= i) & (i - j < W) & (k_start == q_start[..., None])
-    win = win | (~in_range[None, :, :, None] & (j == i))  # tail of the last block: itself only
-    masks, ks, vs = [win], [], []
+    masks, s_c = [], None
+    if mask:  # window part: same document, 0 <= i - j < W
+        kjc = kj.clamp(0, T - 1)
+        k_start = start.gather(1, kjc.reshape(1, -1).expand(B, -1)).view(B, nblk, 1, L)
+        i, j = qi[None, :, :, None], kj[None, :, None, :]
+        win = (j >= 0) & (j <= i) & (i - j < W) & (k_start == q_start[..., None])
+        masks.append(win | (~in_range[None, :, :, None] & (j == i)))  # tail of the last block: itself only
     if sink > 0:
         first = doc.gather(1, qc[:, 0][None].expand(B, -1))  # first document of each block  [B, n]
         last = doc.gather(1, qc[:, -1][None].expand(B, -1))
@@ -296,21 +384,15 @@ def _packed(q, k, v, sink: int, window: int, pos: torch.Tensor, scale, block: in
         d = (first[..., None] + torch.arange(nd, device=dev)).clamp(max=ndocs)  # [B, n, nd]
         s_idx = doc_start.gather(1, d.view(B, -1)).view(B, nblk, nd, 1) + torch.arange(sink, device=dev)
         s_idx = s_idx.view(B, nblk, nd * sink)  # [B, n, nd*S] key indices of those sinks
-        # a document shorter than S would lend its neighbour's first tokens: keep only keys of its own
-        own = torch.arange(sink, device=dev).repeat(nd)
         s_c = s_idx.clamp(0, T - 1)
-        s_ok = (s_idx >= 0) & (s_idx < T) & (pos.gather(1, s_c.view(B, -1)).view(B, nblk, -1) == own)
-        s_start = start.gather(1, s_c.view(B, -1)).view(B, nblk, 1, nd * sink)
-        s_pos = pos.gather(1, s_c.view(B, -1)).view(B, nblk, 1, nd * sink)
-        si = s_idx[:, :, None, :]
-        sm = (s_ok[:, :, None, :] & (s_start == q_start[..., None]) & (s_pos < sink) & (si <= i) & (i - si >= W)
-              & in_range[None, :, :, None])
-        masks.insert(0, sm)
-        gidx = s_c.view(B, 1, -1, 1).expand(B, Hkv, nblk * nd * sink, D)
-        ks.append(k.gather(2, gidx).view(B, Hkv, nblk, nd * sink, D).transpose(1, 2))
-        vs.append(v.gather(2, gidx).view(B, Hkv, nblk, nd * sink, D).transpose(1, 2))
-
-    kb = torch.cat(ks + [_window_blocks(k, W, block, Tp)], dim=3)
-    vb = torch.cat(vs + [_window_blocks(v, W, block, Tp)], dim=3)
-    mask = _additive(torch.cat(masks, dim=-1), q.dtype).reshape(B * nblk, 1, block, -1)
-    return _blocked_sdpa(q, kb, vb, mask, scale, block)
+        if mask:  # a document shorter than S would lend its neighbour's first tokens: keep only keys of its own
+            own = torch.arange(sink, device=dev).repeat(nd)
+            s_ok = (s_idx >= 0) & (s_idx < T) & (pos.gather(1, s_c.view(B, -1)).view(B, nblk, -1) == own)
+            s_start = start.gather(1, s_c.view(B, -1)).view(B, nblk, 1, nd * sink)
+            s_pos = pos.gather(1, s_c.view(B, -1)).view(B, nblk, 1, nd * sink)
+            si = s_idx[:, :, None, :]
+            masks.insert(0, s_ok[:, :, None, :] & (s_start == q_start[..., None]) & (s_pos < sink) & (si <= i)
+                         & (i - si >= W) & in_range[None, :, :, None])
+    if not mask:
+        return None, s_c
+    return _additive(torch.cat(masks, dim=-1), dtype).reshape(B * nblk, 1, block, -1), s_c
