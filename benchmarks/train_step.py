@@ -98,6 +98,10 @@ def main() -> None:
             print(f"T={T}: peak step memory full {peak_memory(args, False, T):.0f} MiB, "
                   f"hybrid {peak_memory(args, True, T):.0f} MiB", flush=True)
         return
+    # Memory first, while this process is small: a child's ru_maxrss starts from its parent's resident size
+    # at the fork (Linux keeps the high-water mark across exec), which would hide the step's own peak.
+    mems = {T: {"full": float("nan"), "hybrid": float("nan")} if args.no_memory else
+            {"full": peak_memory(args, False, T), "hybrid": peak_memory(args, True, T)} for T in args.lengths}
     full, opt_f = build(args.model, False, args.mode, args.sink, args.window)
     hyb, opt_h = build(args.model, True, args.mode, args.sink, args.window)
     vocab = full.config.vocab_size
@@ -107,8 +111,7 @@ def main() -> None:
     for T in args.lengths:
         t = interleaved_medians({"full": step_fn(full, opt_f, T, vocab), "hybrid": step_fn(hyb, opt_h, T, vocab)},
                                 args.repeats)
-        mem = {"full": float("nan"), "hybrid": float("nan")} if args.no_memory else {
-            "full": peak_memory(args, False, T), "hybrid": peak_memory(args, True, T)}
+        mem = mems[T]
         rows.append({"T": T, "full_tok_s": T / t["full"], "hybrid_tok_s": T / t["hybrid"],
                      "speedup": t["full"] / t["hybrid"], "full_mib": mem["full"], "hybrid_mib": mem["hybrid"]})
         r = rows[-1]

@@ -243,8 +243,9 @@ def _kernel_saves(module, query, key, value):
         lse = query.new_empty(B, Hq, T, dtype=torch.float32)
         out = _SavedLike.apply(query, query, key, value, lse)
     else:
-        # The blocked part is recomputed in backward (torch.utils.checkpoint, attention/sdpa.py): it keeps only
-        # q, k and v. The first W queries go to the fused causal kernel, which keeps its output and lse.
+        # On the GPUs this plans for, the blocked part is recomputed in backward (torch.utils.checkpoint,
+        # attention/sdpa.py): it keeps only q, k and v (on CPU it keeps its output and lse too, as dense does).
+        # The first W queries go to the fused causal kernel, which keeps its output and lse.
         W = spec[1]
         oh = query.new_empty(B, Hq, W, D)
         lse = query.new_empty(B, Hq, W, dtype=torch.float32)

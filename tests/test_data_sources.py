@@ -73,6 +73,33 @@ def test_demo_is_deterministic_and_correct():
         assert v == int(e.answer)
 
 
+def test_recall_states_the_answer_only_in_the_register_at_the_start():
+    """The long-range task: the asked code is in the register (first sentences) and nowhere after it, so a
+    window over the end of the context cannot copy it; deterministic; loadable as data and as a benchmark."""
+    import re
+
+    from lt_train.data.recall import recall_examples
+    from lt_train.eval.benchmarks import load_problems
+
+    a = recall_examples(12, seed=2, facts=5, min_chars=1500, max_chars=2500)
+    assert [e.question for e in a] == [e.question for e in recall_examples(12, seed=2, facts=5, min_chars=1500,
+                                                                            max_chars=2500)]
+    for e in a:
+        register, rest = e.question.split("\n\nWorked notes follow.", 1)
+        asked = re.search(r"what is the code of (the \w+ \w+),", rest).group(1)
+        codes = dict(re.findall(r"The code of (the \w+ \w+) is (\d+)\.", register))
+        assert len(codes) == 5 and codes[asked] == e.answer and 100 <= int(e.answer) <= 999
+        # the notes never state a registered code (a window could copy it), nor any boxed answer
+        assert not re.search(r"\b(" + "|".join(codes.values()) + r")\b", rest) and "boxed" not in rest
+        assert len(rest) >= 1500 and e.response.endswith(f"\\boxed{{{e.answer}}}.")
+    ex, report = load_examples({"source": "recall", "num_samples": 3, "min_chars": 100, "max_chars": 200})
+    assert len(ex) == 3 and report.source == "recall"
+    probs = load_problems({"source": "recall", "mode": "aime", "num_problems": 4, "seed": 7})
+    assert [p.id for p in probs] == [f"recall-7-{i}" for i in range(4)]
+    with pytest.raises(ValueError, match="min_chars"):
+        recall_examples(1, min_chars=10, max_chars=5)
+
+
 def test_encode_masks_the_prompt_and_applies_the_length_policy():
     tok = tiny_tokenizer()
     ex = demo_examples(1)[0]

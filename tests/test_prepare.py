@@ -27,6 +27,10 @@ def test_prepare_caches_and_reuses(tmp_path):
     # any formatting change is a different cache
     assert cache_key(_cfg(max_length=1400), tok, "tiny") != cache_key(_cfg(), tok, "tiny")
     assert cache_key(_cfg(system_prompt="Be brief."), tok, "tiny") != cache_key(_cfg(), tok, "tiny")
+    # so is any setting of the embedded recall task (a stale cache would train on other contexts)
+    recall = _cfg(source="recall", facts=8, min_chars=1200, max_chars=2000)
+    for change in ({"facts": 4}, {"min_chars": 1000}, {"max_chars": 3000}):
+        assert cache_key({**recall, **change}, tok, "tiny") != cache_key(recall, tok, "tiny")
 
 
 def test_drop_policy_counts_drops(tmp_path):

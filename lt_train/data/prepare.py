@@ -33,7 +33,8 @@ class PrepareStats:
 
 def _source_fingerprint(dcfg) -> dict:
     d = {k: dcfg.get(k) for k in ("source", "path", "dataset_id", "split", "revision", "subset", "num_samples",
-                                  "seed", "max_samples", "on_error")}
+                                  "seed", "max_samples", "on_error",
+                                  "facts", "min_chars", "max_chars")}  # the last three: the recall task's
     d["columns"] = json.dumps(_plain(dcfg.get("columns")), sort_keys=True)
     path = dcfg.get("path")
     if path and os.path.isfile(path):

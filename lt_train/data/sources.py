@@ -128,13 +128,14 @@ def to_examples(rows: list[dict], columns: dict, source: str, on_error: str = "r
 
 
 def load_examples(cfg) -> tuple[list[Example], LoadReport]:
-    """Examples from a data config: `source` is 'demo', 'jsonl'/'json'/'parquet' (with `path`) or 'hub'
+    """Examples from a data config: `source` is 'demo', 'recall' (the embedded tasks), 'jsonl'/'json'/'parquet' (with `path`) or 'hub'
     (with `dataset_id`). Raises when nothing is left."""
     source = cfg.get("source", "demo")
     on_error = cfg.get("on_error", "raise")
-    if source == "demo":
-        report = LoadReport("demo")
-        examples = demo_examples_from(cfg)
+    if source in ("demo", "recall"):
+        report = LoadReport(source)
+        examples = (demo_examples_from(cfg) if source == "demo"
+                    else recall_examples_from(cfg, int(cfg.get("num_samples", 256)), int(cfg.get("seed", 0))))
         report.rows = len(examples)
     else:
         columns = dict(cfg.get("columns") or {"question": "question", "response": "response"})
@@ -148,7 +149,7 @@ def load_examples(cfg) -> tuple[list[Example], LoadReport]:
             report = LoadReport(name)
             rows = read_rows(name, on_error, report)
         else:
-            raise ValueError(f"unknown data source {source!r}; use demo, jsonl, json, parquet or hub")
+            raise ValueError(f"unknown data source {source!r}; use demo, recall, jsonl, json, parquet or hub")
         examples = to_examples(rows, columns, report.source, on_error, report)
     limit = cfg.get("max_samples")
     if limit:
@@ -163,3 +164,11 @@ def demo_examples_from(cfg) -> list[Example]:
     from .demo import demo_examples
 
     return demo_examples(int(cfg.get("num_samples", 256)), int(cfg.get("seed", 0)))
+
+
+def recall_examples_from(cfg, n: int, seed: int) -> list[Example]:
+    """The embedded long-range task (data/recall.py) with a config's `facts`, `min_chars`, `max_chars`."""
+    from .recall import recall_examples
+
+    return recall_examples(n, seed, int(cfg.get("facts", 8)), int(cfg.get("min_chars", 2000)),
+                           int(cfg.get("max_chars", 4000)))

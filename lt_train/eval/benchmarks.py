@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
-from ..data.sources import LoadReport, read_hub, read_rows
+from ..data.sources import LoadReport, read_hub, read_rows, recall_examples_from
 
 MODES = ("aime", "math", "gsm8k")
 
@@ -82,6 +82,10 @@ def load_problems(ecfg) -> list[Problem]:
         problems = [Problem(e.id, e.question, e.answer) for e in
                     demo_examples(int(ecfg.get("num_problems", 16)), int(ecfg.get("demo_seed", 10_000)),
                                   int(ecfg.get("min_steps", 2)), int(ecfg.get("max_steps", 4)))]
+    elif ecfg.get("source") == "recall" and not ecfg.get("path"):
+        where = "recall"
+        problems = [Problem(e.id, e.question, e.answer) for e in
+                    recall_examples_from(ecfg, int(ecfg.get("num_problems", 64)), int(ecfg.get("seed", 10_000)))]
     else:
         where = _where(ecfg)
         problems = to_problems(_rows(ecfg), dict(ecfg.get("columns") or {}), where, name,
