@@ -74,6 +74,13 @@ def token_loss_sum(model, inputs: dict, zero3_scale: float | None = None, engine
     return lm_head_loss_sum(model, hidden, labels, shifted=shifted)
 
 
+def row_seed(seed: int, row) -> int:
+    """The random seed of one packed row's forward and backward: a function of (train.seed, row) only."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}/{row}".encode()).digest()[:7], "little")
+
+
 def _choose_lazy(cfg, model, train_encoded, out_dir, rank) -> list[int]:
     lz = cfg.lazy
     if lz.get("layers") is not None:
@@ -321,7 +328,11 @@ def train(cfg) -> dict:
         rows_in = [{"input_ids": b.input_ids, "labels": b.labels, "position_ids": b.position_ids} for b in batches]
         micro = sequence_parallel.shard(sp, rows_in, dev) if sp else [
             {k: v.to(dev) for k, v in r.items()} for r in rows_in]
-        for inputs in micro:
+        for m, inputs in enumerate(micro):
+            # dropout masks drawn from a stream of this packed row alone: the same rows give the same losses on
+            # any number of processes (rank r's micro-step m is global row step * per_step + r * grad_accum + m);
+            # gradient checkpointing's recomputation replays them (it restores the RNG state it saw)
+            torch.manual_seed(row_seed(seed, mine[m] if not sp else (step, rank, m)))
             if zero3:  # DeepSpeed's tiled loss: the head's backward runs inside, already scaled
                 scaled = token_loss_sum(model, inputs, zero3_scale=scale, engine=engine)
             else:
