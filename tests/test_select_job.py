@@ -27,6 +27,10 @@ def test_selection_job_writes_json_and_chart(tmp_path, strategy):
     assert data["lazy_layers"] == res["lazy_layers"] and len(data["lazy_layers"]) == 2
     assert len(data["per_layer_ratio"]) == 4 and len(data["per_head_ratio"][0]) == 4
     assert len(data["per_sample"]) == 3 and data["data"]["used"] == 3 and data["model"]["name"] == "tiny"
+    # the settings a later run reads back (load_hybrid / hybrid.from_file take S and W from here)
+    assert (data["sink_tokens"], data["recent_tokens"], data["last_queries"]) == (4, 32, 8)
+    assert data["strategy"] == ("nll" if strategy == "default" else strategy)
+    assert "revision" in data["model"] and data["model"]["model_type"] == "llama" and data["num_layers"] == 4
     assert (tmp_path / "lazy_ratios.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -59,8 +63,12 @@ def test_wandb_offline_run_records_the_selection(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     run(_cfg(TINY + ["lazy.strategy=ratio", "logging.wandb=true", f"output_dir={tmp_path}"]))
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    from wandb_reader import logged_keys
+
+    history, _ = logged_keys(str(runs[0]))  # read back what the run file holds
+    assert {"lazy_layers", "lazy_ratio_chart/path"} | {f"lazy_ratio/layer_{i}" for i in range(4)} <= history
 
 
 def test_prepare_command_line(tmp_path):
