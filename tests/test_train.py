@@ -35,6 +35,20 @@ def test_loss_decreases_and_summary_is_written(full_run):
     assert "| hybrid, after |" in (full_run / "summary.md").read_text()
 
 
+def test_learning_rate_follows_linear_warmup_then_cosine_to_zero(full_run):
+    """The logged learning rate of each step against the schedule written out by hand: lr 1e-3, 8 steps,
+    warmup_ratio 0.1 (int(0.8) = 0 warmup steps, so the cosine starts at the peak)."""
+    import math
+
+    logged = [json.loads(line)["lr"] for line in (full_run / "train_log.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 8)) for s in range(8)], rel=1e-9)
+    from lt_train.train.loop import lr_lambda
+
+    f = lr_lambda(3, 10)  # with warmup: 1/3, 2/3, 1 of the peak, then the cosine from the peak over 7 steps
+    assert [f(s) for s in range(5)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 7))])
+    assert f(10) == pytest.approx(0.0, abs=1e-12)
+
+
 def test_exported_model_is_the_trained_hybrid(full_run):
     model = load_hybrid(str(full_run / "model"))
     assert model.config.lt_hybrid["lazy_layers"] == [1, 3]
@@ -298,7 +312,8 @@ def test_an_injected_nan_step_is_skipped_logged_and_the_run_goes_on(tmp_path):
                              "train.nan_at_step=2"]))
     recs = _records(tmp_path)
     assert recs[2]["skipped"] and recs[2]["skipped_total"] == 1 and recs[2]["loss"] != recs[2]["loss"]  # NaN
-    assert recs[2]["lr"] == recs[1]["lr"] != recs[3]["lr"]  # the schedule did not advance on the skipped step
+    # each record holds the rate its step used: the schedule did not advance on the skipped step 2
+    assert recs[1]["lr"] != recs[2]["lr"] == recs[3]["lr"] != recs[4]["lr"]
     assert not recs[3]["skipped"] and all(recs[s]["loss"] == recs[s]["loss"] for s in (1, 3, 4))
     assert (tmp_path / "model").is_dir()
 

@@ -316,6 +316,7 @@ def train(cfg) -> dict:
     t_start = time.perf_counter()
     for step in range(start, max_steps):
         t0 = time.perf_counter()
+        lr = sched.get_last_lr()[0]  # the rate this step's update uses (the engine steps the schedule after it)
         mine = [rows[step * per_step + rank * grad_accum + m] for m in range(grad_accum)]
         batches = [collate_packed([[train_enc[i] for i in row]], tok.pad_token_id, n_sp) for row in mine]
         local_tokens = sum(b.num_target_tokens for b in batches)
@@ -352,7 +353,7 @@ def train(cfg) -> dict:
         dt = time.perf_counter() - t0
         bad = not math.isfinite(step_loss) or (norm is not None and not math.isfinite(norm))
         bad_streak, bad_total = (bad_streak + 1, bad_total + 1) if bad else (0, bad_total)
-        rec = {"step": step + 1, "loss": step_loss, "lr": sched.get_last_lr()[0],
+        rec = {"step": step + 1, "loss": step_loss, "lr": lr,
                "grad_norm": norm, "tokens_per_s": tokens / dt, "target_tokens": n_global, "memory_mb": _memory_mb(),
                "skipped": bad, "skipped_total": bad_total}
         if rank == 0:
