@@ -56,6 +56,28 @@ def test_rows_with_empty_fields_raise_or_are_counted():
     assert len(report.skipped) == 1
 
 
+def test_json_and_parquet_files_give_the_rows_jsonl_gives(tmp_path):
+    """The three file readers agree: a .json list, a .json {'data': [...]} object and a .parquet table of the
+    same rows give the same examples as the .jsonl file; a damaged .json names the file and line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"problem": f"{i}+1?", "sol": f"{i + 1}", "n": i} for i in range(4)]
+    cols = {"source": "jsonl", "columns": {"question": "problem", "response": "sol"}}
+    jl = _write(tmp_path / "d.jsonl", [json.dumps(r).encode() + b"\n" for r in rows])
+    (tmp_path / "list.json").write_text(json.dumps(rows))
+    (tmp_path / "obj.json").write_text(json.dumps({"data": rows}))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    ref = [(e.question, e.response) for e in load_examples({**cols, "path": jl})[0]]
+    assert ref == [(r["problem"], r["sol"]) for r in rows]
+    for name, source in (("list.json", "json"), ("obj.json", "json"), ("d.parquet", "parquet")):
+        ex, report = load_examples({**cols, "source": source, "path": str(tmp_path / name)})
+        assert [(e.question, e.response) for e in ex] == ref and report.rows == 4, name
+    (tmp_path / "bad.json").write_text('[{"problem": "1?",\n "sol": }]')
+    with pytest.raises(ValueError, match="bad.json, line 2: malformed JSON"):
+        load_examples({**cols, "source": "json", "path": str(tmp_path / "bad.json")})
+
+
 def test_demo_is_deterministic_and_correct():
     a, b = demo_examples(5, seed=3), demo_examples(5, seed=3)
     assert [e.response for e in a] == [e.response for e in b]

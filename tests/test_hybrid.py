@@ -1,6 +1,7 @@
 """Conversion and generation on tiny random Llama / Qwen2 / Qwen3 / Mistral models, against a reference model
 whose attention is the dense masked softmax of tests/reference.py."""
 import copy
+import sys
 import types
 
 import pytest
@@ -15,9 +16,9 @@ S, W = 2, 8
 LAZY = [0, 2]  # layer 0 lazy on purpose: transformers reads sequence lengths from layer 0
 
 
-def _pair(arch, lazy=LAZY, sink=S, window=W, backend="sdpa"):
-    """(hybrid model, reference model) with the same weights."""
-    model = tiny_model(arch)
+def _pair(arch, lazy=LAZY, sink=S, window=W, backend="sdpa", base="sdpa"):
+    """(hybrid model, reference model) with the same weights; `base`: the attention of the full layers."""
+    model = tiny_model(arch, attn_implementation=base)
     ref = copy.deepcopy(model)
     ref.set_attn_implementation("lt_test_reference")
     for m in ref.modules():
@@ -57,6 +58,25 @@ def test_forward_matches_reference_with_left_padding(arch):
     torch.testing.assert_close(out[real], expected[real], atol=2e-5, rtol=1e-4)
     # without explicit position ids (transformers counts pads as positions) it is still well defined: no NaN
     assert torch.isfinite(model(ids, attention_mask=am).logits).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_full_layers_on_eager_attention_match_reference(arch, monkeypatch):
+    """A model loaded with attn_implementation='eager': its full layers keep transformers' eager attention
+    (the lazy ones stream); forward with left padding and greedy decoding through the hybrid cache equal the
+    reference."""
+    model, ref = _pair(arch, base="eager")
+    modeling = sys.modules[type(model).__module__]
+    eager, calls = modeling.eager_attention_forward, []
+    monkeypatch.setattr(modeling, "eager_attention_forward", lambda *a, **k: calls.append(1) or eager(*a, **k))
+    ids, am = _left_padded()
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    real = am.bool()
+    torch.testing.assert_close(model(ids, attention_mask=am, position_ids=pos).logits[real],
+                               reference_logits(ref, ids, am)[real], atol=2e-5, rtol=1e-4)
+    out = model.generate(ids, attention_mask=am, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(out, reference_greedy(ref, ids, am, 12))
+    assert len(calls) == 2 * (1 + 12)  # the two full layers, in the forward and in each decoding step
 
 
 def test_gradients_match_reference():
