@@ -127,6 +127,36 @@ def test_bad_config_fails_early_naming_the_problem(tmp_path, overrides, message)
     assert not (tmp_path / "train_log.jsonl").exists()
 
 
+def test_config_errors_that_need_no_run():
+    """`validate` (run before anything loads): several processes without DeepSpeed, no length of training."""
+    from hydra import compose, initialize_config_dir
+
+    from lt_train.train.config import validate
+
+    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(os.path.dirname(__file__)), "conf"),
+                               version_base="1.3"):
+        cfg = compose("train", overrides=["model=tiny"])
+        no_length = compose("train", overrides=["model=tiny", "train.max_steps=null", "train.epochs=null"])
+    validate(cfg, 1)
+    with pytest.raises(ValueError, match="2 processes need DeepSpeed: add deepspeed=zero2"):
+        validate(cfg, 2)
+    with pytest.raises(ValueError, match="set train.max_steps or train.epochs"):
+        validate(no_length, 1)
+
+
+def test_epochs_repeat_every_packed_row_once_in_a_new_seeded_order():
+    from lt_train.train.loop import plan_rows
+
+    lengths = [300, 700, 200, 900, 400, 500, 100, 800] * 3
+    rows = plan_rows(lengths, 1000, seed=0, epochs=3)
+    n = len(rows) // 3
+    epochs = [rows[i * n:(i + 1) * n] for i in range(3)]
+    assert all(sorted(map(sorted, e)) == sorted(map(sorted, epochs[0])) for e in epochs)  # same rows each epoch
+    assert sorted(i for row in epochs[0] for i in row) == list(range(len(lengths)))  # every example once
+    assert epochs[0] != epochs[1] != epochs[2]  # reshuffled
+    assert plan_rows(lengths, 1000, seed=0, epochs=3) == rows and plan_rows(lengths, 1000, 1, 3) != rows
+
+
 def test_step_loss_is_normalised_by_target_tokens_not_by_batches():
     """Two micro-batches with different numbers of target tokens: the accumulated gradient equals the gradient
     of (all token losses) / (all target tokens), which a mean of per-batch means would not give."""
