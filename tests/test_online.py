@@ -49,6 +49,17 @@ def test_online_selection_generates_and_matches_reference(arch, criterion):
 
     convert_to_hybrid(model, HybridConfig([], S, W, online_num_lazy=N_LAZY, last_queries=LQ,
                                           online_criterion=criterion))
+    # Count, as each layer starts its prefill, the caches that really hold the whole prompt (not the cache's own
+    # counter): compressing only at the end of the prefill would make this L.
+    holding = []
+
+    def count_full(module, args, kwargs):
+        cache = kwargs.get("cache")
+        if cache is not None and args[0].shape[1] == ids.shape[1]:  # prefill only
+            holding.append(sum(not isinstance(lay, StreamingLayer) and lay.get_seq_length() >= ids.shape[1]
+                               for lay in cache.layers))
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(count_full, with_kwargs=True)
     out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=8, do_sample=False, pad_token_id=0,
                          eos_token_id=None, return_dict_in_generate=True)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
@@ -60,6 +71,7 @@ def test_online_selection_generates_and_matches_reference(arch, criterion):
     torch.testing.assert_close(torch.tensor([sign * seen[i] for i in range(L)]), laziness.float(), atol=1e-5,
                                rtol=1e-4)
     assert cache.max_full_alive == expected_alive <= (L - N_LAZY) + 1
+    assert len(holding) == L and max(holding) + 1 == expected_alive  # +1: the layer about to run
     for i, layer in enumerate(cache.layers):
         assert isinstance(layer, StreamingLayer) == (i in expected_lazy)
         if i in expected_lazy:

@@ -121,6 +121,20 @@ class DeepSpeedEngine:
         # checks it against one process.
         self.gradient_divisor = self.world_size if self.stage == 3 else self.world_size // sp
 
+    def placement(self) -> str:
+        """Where DeepSpeed put things, read from its own objects: the dtype of the parameters this rank holds
+        (its ZeRO-3 partition), and whether its ZeRO optimizer offloads the fp32 master weights and optimizer state
+        to the CPU, with the device they live on."""
+        p = next(self.module.parameters())
+        held = getattr(p, "ds_tensor", p)
+        opt = self.optimizer
+        offload = bool(getattr(opt, "offload_optimizer", False) or getattr(opt, "cpu_offload", False))
+        master = (getattr(opt, "fp32_partitioned_groups_flat", None)
+                  or getattr(opt, "single_partition_of_fp32_groups", None) or [None])[0]
+        where = master.device.type if master is not None else "unknown"
+        return (f"DeepSpeed ZeRO-{self.stage}: parameters {held.dtype}, optimizer state "
+                f"{'offloaded to ' + where if offload else 'on ' + where} ({type(opt).__name__})")
+
     def hidden_states(self, inputs: dict) -> torch.Tensor:
         """The decoder's last hidden states [B, T, H], through `engine.forward`: DeepSpeed counts micro-steps there
         (ZeRO-3 copies the first micro-step's gradient and adds the others; a forward that bypasses the engine

@@ -288,6 +288,8 @@ def train(cfg) -> dict:
     engine = (DeepSpeedEngine(model, opt, sched, ds_config, mpu=sp and sp.mpu) if use_ds
               else PlainEngine(model, opt, sched, tr.max_grad_norm, grad_accum))
     model = engine.module
+    if use_ds:
+        _log(rank, engine.placement())
     if hf_ds is not None:  # later loads (the export's rebuild, evaluation) must not be partitioned again
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
