@@ -1,6 +1,6 @@
 """The paper's table in miniature: full vs hybrid, before and after LightTransfer-Train, on SmolLM2-135M.
 
-    python benchmarks/method_table.py [--out outputs/method_table --steps 25 --problems 32 --window 128]
+    python benchmarks/method_table.py [--out outputs/method_table --steps 20 --problems 32 --window 128]
 
 Two measures per row:
 - accuracy (± standard error over problems) on held-out problems of the embedded long-range task
@@ -73,6 +73,7 @@ def train(out: str, name: str, mode: str, layers: list[int], sink: int, args) ->
     _run("train.py", [f"model={MODEL}", *_data(args), f"train={mode}", f"output_dir={d}",
                       f"lazy.layers={_layers_arg(layers)}", f"lazy.sink_tokens={sink}",
                       f"lazy.recent_tokens={args.window}", f"data.num_samples={args.train_samples}",
+                      f"data.max_length={args.pack}",
                       f"train.max_steps={args.steps}", "train.grad_accum=1", f"train.pack_length={args.pack}",
                       f"train.lr={args.lora_lr if mode == 'lora' else args.full_lr}", "train.save_every=1000",
                       "validation.enabled=false", "logging.wandb=false"],
@@ -128,15 +129,16 @@ def main() -> None:
                     "about 550-900 SmolLM2 tokens, the register 450+ tokens behind the last query")
     ap.add_argument("--max-chars", type=int, default=2000)
     ap.add_argument("--fraction", type=float, default=0.5)
-    ap.add_argument("--steps", type=int, default=25, help="optimizer steps of each fine-tune")
-    ap.add_argument("--pack", type=int, default=1024, help="tokens per packed training row (one row per step)")
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps of each fine-tune")
+    ap.add_argument("--pack", type=int, default=1536, help="tokens per packed training row (one row per step; "
+                    "longer samples are dropped and counted in the training log)")
     ap.add_argument("--train-samples", type=int, default=64)
     ap.add_argument("--lora-lr", type=float, default=5e-4)
     ap.add_argument("--full-lr", type=float, default=5e-5)
     ap.add_argument("--problems", type=int, default=32)
     ap.add_argument("--select-samples", type=int, default=4)
     ap.add_argument("--nll-samples", type=int, default=2)
-    ap.add_argument("--random-draws", type=int, default=3)
+    ap.add_argument("--random-draws", type=int, default=2)
     ap.add_argument("--cot", default=COT)
     ap.add_argument("--cot-length", type=int, default=1024)
     ap.add_argument("--cot-samples", type=int, default=2)

@@ -72,7 +72,11 @@ def peak_memory(args, hybrid: bool, T: int) -> float:
     """`measure_step_memory` in a fresh process, so that one variant's peak does not hide the other's."""
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import train_step as b;"
             f"print(b.measure_step_memory({args.model!r}, {hybrid}, {args.mode!r}, {args.sink}, {args.window}, {T}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    # Large blocks straight from mmap and back to the system when freed (a fixed threshold also stops glibc from
+    # raising it as blocks are freed): the resident peak then follows the live tensors' peak, not how the heap
+    # happened to fragment (which moved the same step's figure by gigabytes between runs).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     try:
         return float(out.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):

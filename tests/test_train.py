@@ -62,7 +62,37 @@ def test_exported_model_is_the_trained_hybrid(full_run):
     ds, _, _ = prepare(cfg, tiny_tokenizer(), "tiny", str(full_run / "cache"))
     held = [EncodedExample(torch.tensor(r["input_ids"]), torch.tensor(r["labels"])) for r in ds][-2:]
     summary = json.loads((full_run / "summary.json").read_text())
-    assert abs(heldout_nll(model, held) - summary["results"]["hybrid, after"]["heldout_nll"]) < 1e-3
+    hybrid_nll = heldout_nll(model, held)
+    assert abs(hybrid_nll - summary["results"]["hybrid, after"]["heldout_nll"]) < 1e-3
+    # the lazy layers matter here (W=64 on ~1500-token rows): the same weights without them score otherwise
+    from lt_train import HybridConfig, set_lazy_layers
+
+    set_lazy_layers(model, HybridConfig([], 4, 64))
+    assert abs(heldout_nll(model, held) - hybrid_nll) > 1e-3
+    assert abs(heldout_nll(model, held) - summary["results"]["full, after"]["heldout_nll"]) < 1e-3
+
+
+def test_lora_export_is_the_base_with_the_trained_adapter_merged(tmp_path):
+    """`model/` of a LoRA run equals the base model with `adapter/` loaded by peft, as the same hybrid; and the
+    adapter did change the model."""
+    from peft import PeftModel
+
+    from lt_train import HybridConfig, convert_to_hybrid
+    from lt_train.models import tiny_model
+
+    _ok(run_train(tmp_path, ["train=lora", "train.max_steps=2", "train.save_every=0", "validation.enabled=false",
+                             "train.lr=1e-2"]))
+    exported = load_hybrid(str(tmp_path / "model")).eval()
+    hc = HybridConfig([1, 3], 4, 64)
+    base = tiny_model("llama", 4, 0)
+    convert_to_hybrid(base, hc)
+    ids = torch.randint(3, 100, (2, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = base(ids).logits
+        merged = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(ids).logits
+        after = exported(ids).logits
+    torch.testing.assert_close(after, merged, atol=1e-5, rtol=1e-4)
+    assert (after - before).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])

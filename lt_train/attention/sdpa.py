@@ -142,15 +142,23 @@ _FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attenti
 class _BlockedFlashCPU(torch.autograd.Function):
     """`_folded_sdpa` on CPU keeping for backward only q, k, v, the output and the log-sum-exp (what the fused
     kernel keeps for dense attention). Backward re-blocks them (copies, no attention), runs the kernel's own
-    backward, and sends the blocked key/value gradients back through the blocking (overlapping windows sum)."""
+    backward, and sends the blocked key/value gradients back through the blocking (overlapping windows sum).
+    Both passes go a few query blocks at a time (`_chunks`), so the blocked copies they build stay below half the
+    size of k and v: the backward of a step's last layers runs at the step's memory peak."""
 
     @staticmethod
     def forward(ctx, q, k, v, blocks, mask_fn, scale, block):
-        qb, kb, vb = _to_blocks(q, block), _fold(blocks(k)), _fold(blocks(v))
-        out, lse = _FLASH_CPU(qb, kb, vb, 0.0, False, attn_mask=mask_fn(), scale=scale)
         B, T = q.shape[0], q.shape[2]
-        # kept without the padding of the last block (what backward needs of it is rebuilt as zeros)
-        out, lse = _from_blocks(out, B, T).contiguous(), _from_blocks(lse.unsqueeze(-1), B, T).squeeze(-1).contiguous()
+        mask = mask_fn()
+        out = torch.empty_like(q)
+        lse = None
+        for sl, t0, t1 in _chunks(T, block, blocks(k, slice(0, 1)).shape[3], k.shape[2]):
+            o, m = _FLASH_CPU(_to_blocks(q[:, :, t0:t1], block), _fold(blocks(k, sl)), _fold(blocks(v, sl)), 0.0,
+                              False, attn_mask=_mask_rows(mask, B, sl), scale=scale)
+            if lse is None:
+                lse = q.new_empty(q.shape[:3], dtype=m.dtype)
+            out[:, :, t0:t1] = _from_blocks(o, B, t1 - t0)
+            lse[:, :, t0:t1] = _from_blocks(m.unsqueeze(-1), B, t1 - t0).squeeze(-1)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.blocks, ctx.mask_fn, ctx.scale, ctx.block = blocks, mask_fn, scale, block
         return out
@@ -158,15 +166,41 @@ class _BlockedFlashCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        with torch.enable_grad():
-            k_, v_ = k.detach().requires_grad_(), v.detach().requires_grad_()
-            kb, vb = _fold(ctx.blocks(k_)), _fold(ctx.blocks(v_))
-            dq, dkb, dvb = _FLASH_CPU_BACKWARD(
-                _to_blocks(grad_out, ctx.block), _to_blocks(q, ctx.block), kb, vb, _to_blocks(out, ctx.block),
-                _to_blocks(lse.unsqueeze(-1), ctx.block).squeeze(-1), 0.0, False, attn_mask=ctx.mask_fn(),
-                scale=ctx.scale)
-            dk, dv = torch.autograd.grad([kb, vb], [k_, v_], [dkb, dvb])
-        return _from_blocks(dq, q.shape[0], q.shape[2]), dk, dv, None, None, None, None
+        B, T, block, blocks = q.shape[0], q.shape[2], ctx.block, ctx.blocks
+        mask = ctx.mask_fn()
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        k_, v_ = k.detach().requires_grad_(), v.detach().requires_grad_()
+        for sl, t0, t1 in _chunks(T, block, blocks(k, slice(0, 1)).shape[3], k.shape[2]):
+            with torch.enable_grad():
+                kb, vb = _fold(blocks(k_, sl)), _fold(blocks(v_, sl))
+            dqb, dkb, dvb = _FLASH_CPU_BACKWARD(
+                _to_blocks(grad_out[:, :, t0:t1], block), _to_blocks(q[:, :, t0:t1], block), kb.detach(),
+                vb.detach(), _to_blocks(out[:, :, t0:t1], block),
+                _to_blocks(lse[:, :, t0:t1].unsqueeze(-1), block).squeeze(-1), 0.0, False,
+                attn_mask=_mask_rows(mask, B, sl), scale=ctx.scale)
+            gk, gv = torch.autograd.grad([kb, vb], [k_, v_], [dkb, dvb])
+            dk += gk
+            dv += gv
+            dq[:, :, t0:t1] = _from_blocks(dqb, B, t1 - t0)
+        return dq, dk, dv, None, None, None, None
+
+
+def _chunks(T: int, block: int, keys_per_block: int, kv_len: int):
+    """(block slice, first query, end query) of groups of query blocks whose blocked keys number at most half
+    of k's length (at least one block per group)."""
+    n = -(-T // block)
+    c = max(1, (kv_len // 2) // keys_per_block)
+    for b0 in range(0, n, c):
+        b1 = min(n, b0 + c)
+        yield slice(b0, b1), b0 * block, min(T, b1 * block)
+
+
+def _mask_rows(mask: torch.Tensor, B: int, sl: slice) -> torch.Tensor:
+    """The rows of the folded mask [B * n, 1, block, K] that belong to the query blocks `sl` of every batch row."""
+    n = mask.shape[0] // B
+    if sl == slice(0, n):
+        return mask
+    return mask.view(B, n, *mask.shape[1:])[:, sl].reshape(-1, *mask.shape[1:])
 
 
 def chunked_streaming_sdpa(
@@ -218,11 +252,11 @@ def _streaming_tail(q, k, v, sink: int, window: int, scale, block: int) -> torch
         _MASK_CACHE[key] = _additive(mask, q.dtype).expand(B, -1, -1, -1, -1).reshape(B * nblk, 1, block, -1)
     mask = _MASK_CACHE[key]
 
-    def blocks(x):  # block b's window keys are W + kj, kj from b * block - (W - 1): from index b * block + 1
-        xb = _window_blocks(x[:, :, 1:], W, block, nblk * block, front=0)
+    def blocks(x, sl=slice(None)):  # block b's window keys are W + kj, kj from b * block - (W - 1): from b * block + 1
+        xb = _window_blocks(x[:, :, 1:], W, block, nblk * block, front=0)[:, sl]
         if not sink:
             return xb
-        return torch.cat([x[:, :, :sink].unsqueeze(1).expand(B, nblk, Hkv, sink, D), xb], dim=3)
+        return torch.cat([x[:, :, :sink].unsqueeze(1).expand(B, xb.shape[1], Hkv, sink, D), xb], dim=3)
     return _blocked_sdpa(q[:, :, W:], k, v, blocks, lambda: mask, scale, block)
 
 
@@ -247,12 +281,12 @@ def _chunked(q, k, v, sink: int, window: int, scale, pad, offset, block: int) ->
         mask = None
 
 
-    def blocks(x):
-        xb = _window_blocks(x, W, block, Tp)
+    def blocks(x, sl=slice(None)):
+        xb = _window_blocks(x, W, block, Tp)[:, sl]
         if sink_idx is None:
             return xb
         idx = sink_idx.clamp(0, T - 1)[:, None, :, None].expand(B, Hkv, sink, D)
-        return torch.cat([x.gather(2, idx).unsqueeze(1).expand(B, nblk, Hkv, sink, D), xb], dim=3)
+        return torch.cat([x.gather(2, idx).unsqueeze(1).expand(B, xb.shape[1], Hkv, sink, D), xb], dim=3)
     if mask is None:
         def mask_fn():
             return _sdpa_mask(B, T, sink, W, block, q.device, q.dtype, pad, offset)[0]
@@ -338,12 +372,12 @@ def _packed(q, k, v, sink: int, window: int, pos: torch.Tensor, scale, block: in
     Tp = nblk * block
     _, sink_keys = _packed_layout(pos, sink, W, block, q.dtype, mask=False)
 
-    def blocks(x):
-        xb = _window_blocks(x, W, block, Tp)
+    def blocks(x, sl=slice(None)):
+        xb = _window_blocks(x, W, block, Tp)[:, sl]
         if sink_keys is None:
             return xb
-        g = sink_keys.view(B, 1, -1, 1).expand(B, Hkv, sink_keys.shape[1] * sink_keys.shape[2], D)
-        return torch.cat([x.gather(2, g).view(B, Hkv, nblk, -1, D).transpose(1, 2), xb], dim=3)
+        g = sink_keys[:, sl].reshape(B, 1, -1, 1).expand(B, Hkv, xb.shape[1] * sink_keys.shape[2], D)
+        return torch.cat([x.gather(2, g).view(B, Hkv, xb.shape[1], -1, D).transpose(1, 2), xb], dim=3)
     return _blocked_sdpa(q, k, v, blocks, lambda: _packed_layout(pos, sink, W, block, q.dtype)[0], scale, block)
 
 
