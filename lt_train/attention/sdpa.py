@@ -91,9 +91,11 @@ def _window_blocks(x: torch.Tensor, W: int, block: int, Tp: int, front: int | No
     return xp.unfold(2, block + W - 1, block).permute(0, 2, 1, 4, 3)
 
 
-def _blocked_sdpa(q, k, v, blocks, mask_fn, scale, block: int) -> torch.Tensor:
+def _blocked_sdpa(q, k, v, blocks, mask_fn, scale, block: int, head: int = 0) -> torch.Tensor:
     """Streaming attention of the queries q [B, Hq, Tq, D] as one SDPA call over query blocks folded into the
-    batch (4-D inputs reach the fused flash kernel; 5-D ones fall back to the slow math path on CPU).
+    batch (4-D inputs reach the fused flash kernel; 5-D ones fall back to the slow math path on CPU). With
+    `head`, the first `head` queries attend causally to the first `head` keys (the fused causal kernel) and the
+    blocks cover the queries after them.
     `blocks(x)` turns k or v [B, Hkv, T, D] into the keys of each block [B, n, Hkv, K, D]; `mask_fn()` gives
     the additive mask [B*n, 1, block, K] (called again in backward rather than kept).
 
@@ -103,11 +105,19 @@ def _blocked_sdpa(q, k, v, blocks, mask_fn, scale, block: int) -> torch.Tensor:
     (`_BlockedFlashCPU`, no second forward); elsewhere backward recomputes the call (`torch.utils.checkpoint`)."""
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if grad and q.device.type == "cpu" and _FLASH_CPU_BACKWARD is not None:
-        return _BlockedFlashCPU.apply(q, k, v, blocks, mask_fn, scale, block)
+        # one function for head and tail: one output and one dq, no concatenation or slice gradients
+        return _BlockedFlashCPU.apply(q, k, v, blocks, mask_fn, scale, block, head)
+    qt = q[:, :, head:]
     if grad:
-        return checkpoint(_folded_sdpa, q, k, v, blocks, mask_fn, scale, block,
+        tail = checkpoint(_folded_sdpa, qt, k, v, blocks, mask_fn, scale, block,
                           use_reentrant=False, preserve_rng_state=False)
-    return _folded_sdpa(q, k, v, blocks, mask_fn, scale, block)
+    else:
+        tail = _folded_sdpa(qt, k, v, blocks, mask_fn, scale, block)
+    if not head:
+        return tail
+    first = F.scaled_dot_product_attention(q[:, :, :head], k[:, :, :head], v[:, :, :head], is_causal=True,
+                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return torch.cat([first, tail], dim=2)
 
 
 def _to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -147,42 +157,50 @@ class _BlockedFlashCPU(torch.autograd.Function):
     size of k and v: the backward of a step's last layers runs at the step's memory peak."""
 
     @staticmethod
-    def forward(ctx, q, k, v, blocks, mask_fn, scale, block):
+    def forward(ctx, q, k, v, blocks, mask_fn, scale, block, head):
         B, T = q.shape[0], q.shape[2]
         mask = mask_fn()
         out = torch.empty_like(q)
         lse = None
-        for sl, t0, t1 in _chunks(T, block, blocks(k, slice(0, 1)).shape[3], k.shape[2]):
-            o, m = _FLASH_CPU(_to_blocks(q[:, :, t0:t1], block), _fold(blocks(k, sl)), _fold(blocks(v, sl)), 0.0,
-                              False, attn_mask=_mask_rows(mask, B, sl), scale=scale)
+        if head:
+            o, lse = _FLASH_CPU(q[:, :, :head], k[:, :, :head], v[:, :, :head], 0.0, True, scale=scale)
+            out[:, :, :head] = o
+            lse = torch.cat([lse, lse.new_empty(B, q.shape[1], T - head)], dim=2)
+        for sl, t0, t1 in _chunks(T - head, block, blocks(k, slice(0, 1)).shape[3], k.shape[2]):
+            o, m = _FLASH_CPU(_to_blocks(q[:, :, head + t0:head + t1], block), _fold(blocks(k, sl)),
+                              _fold(blocks(v, sl)), 0.0, False, attn_mask=_mask_rows(mask, B, sl), scale=scale)
             if lse is None:
                 lse = q.new_empty(q.shape[:3], dtype=m.dtype)
-            out[:, :, t0:t1] = _from_blocks(o, B, t1 - t0)
-            lse[:, :, t0:t1] = _from_blocks(m.unsqueeze(-1), B, t1 - t0).squeeze(-1)
+            out[:, :, head + t0:head + t1] = _from_blocks(o, B, t1 - t0)
+            lse[:, :, head + t0:head + t1] = _from_blocks(m.unsqueeze(-1), B, t1 - t0).squeeze(-1)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.blocks, ctx.mask_fn, ctx.scale, ctx.block = blocks, mask_fn, scale, block
+        ctx.blocks, ctx.mask_fn, ctx.scale, ctx.block, ctx.head = blocks, mask_fn, scale, block, head
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        B, T, block, blocks = q.shape[0], q.shape[2], ctx.block, ctx.blocks
+        B, T, block, blocks, h = q.shape[0], q.shape[2], ctx.block, ctx.blocks, ctx.head
         mask = ctx.mask_fn()
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        if h:
+            dq[:, :, :h], dk[:, :, :h], dv[:, :, :h] = _FLASH_CPU_BACKWARD(
+                grad_out[:, :, :h].contiguous(), q[:, :, :h], k[:, :, :h], v[:, :, :h], out[:, :, :h],
+                lse[:, :, :h].contiguous(), 0.0, True, scale=ctx.scale)
         k_, v_ = k.detach().requires_grad_(), v.detach().requires_grad_()
-        for sl, t0, t1 in _chunks(T, block, blocks(k, slice(0, 1)).shape[3], k.shape[2]):
+        for sl, t0, t1 in _chunks(T - h, block, blocks(k, slice(0, 1)).shape[3], k.shape[2]):
             with torch.enable_grad():
                 kb, vb = _fold(blocks(k_, sl)), _fold(blocks(v_, sl))
             dqb, dkb, dvb = _FLASH_CPU_BACKWARD(
-                _to_blocks(grad_out[:, :, t0:t1], block), _to_blocks(q[:, :, t0:t1], block), kb.detach(),
-                vb.detach(), _to_blocks(out[:, :, t0:t1], block),
-                _to_blocks(lse[:, :, t0:t1].unsqueeze(-1), block).squeeze(-1), 0.0, False,
+                _to_blocks(grad_out[:, :, h + t0:h + t1], block), _to_blocks(q[:, :, h + t0:h + t1], block),
+                kb.detach(), vb.detach(), _to_blocks(out[:, :, h + t0:h + t1], block),
+                _to_blocks(lse[:, :, h + t0:h + t1].unsqueeze(-1), block).squeeze(-1), 0.0, False,
                 attn_mask=_mask_rows(mask, B, sl), scale=ctx.scale)
             gk, gv = torch.autograd.grad([kb, vb], [k_, v_], [dkb, dvb])
             dk += gk
             dv += gv
-            dq[:, :, t0:t1] = _from_blocks(dqb, B, t1 - t0)
-        return dq, dk, dv, None, None, None, None
+            dq[:, :, h + t0:h + t1] = _from_blocks(dqb, B, t1 - t0)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _chunks(T: int, block: int, keys_per_block: int, kv_len: int):
@@ -223,16 +241,13 @@ def chunked_streaming_sdpa(
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         # Queries before W see every earlier key: the fused causal kernel does them (it skips the masked half
         # of its tiles, where the blocked path would compute sink + window keys for each); the rest stream.
-        head = F.scaled_dot_product_attention(q[:, :, :window], k[:, :, :window], v[:, :, :window],
-                                              is_causal=True, scale=scale, enable_gqa=gqa)
-        tail = _streaming_tail(q, k, v, sink, window, scale, block)
-        return torch.cat([head, tail], dim=2)
+        return _head_and_tail(q, k, v, sink, window, scale, block)
     return _chunked(q, k, v, sink, window, scale, pad, offset, block)
 
 
-def _streaming_tail(q, k, v, sink: int, window: int, scale, block: int) -> torch.Tensor:
-    """Streaming attention of the queries from W on, for rows without padding: the blocked computation of
-    `_chunked` with query blocks starting at W. Query W + i (local i) sees window keys i + 1 .. W + i and the
+def _head_and_tail(q, k, v, sink: int, window: int, scale, block: int) -> torch.Tensor:
+    """Streaming attention for rows without padding: queries before W by the fused causal kernel (the head),
+    the others by the blocked computation of `_chunked` with query blocks starting at W (the tail). Query W + i (local i) sees window keys i + 1 .. W + i and the
     sinks s with i >= s (a sink inside the window counts there once)."""
     B, Hq, T, D = q.shape
     Hkv, W = k.shape[1], window
@@ -257,7 +272,7 @@ def _streaming_tail(q, k, v, sink: int, window: int, scale, block: int) -> torch
         if not sink:
             return xb
         return torch.cat([x[:, :, :sink].unsqueeze(1).expand(B, xb.shape[1], Hkv, sink, D), xb], dim=3)
-    return _blocked_sdpa(q[:, :, W:], k, v, blocks, lambda: mask, scale, block)
+    return _blocked_sdpa(q, k, v, blocks, lambda: mask, scale, block, head=W)
 
 
 def _chunked(q, k, v, sink: int, window: int, scale, pad, offset, block: int) -> torch.Tensor:
