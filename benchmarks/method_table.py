@@ -136,6 +136,8 @@ def main() -> None:
     ap.add_argument("--lora-lr", type=float, default=5e-4)
     ap.add_argument("--full-lr", type=float, default=5e-5)
     ap.add_argument("--problems", type=int, default=32)
+    ap.add_argument("--fine-tunes", default="full_lora,hybrid_lora,hybrid_full,hybrid_lora_s0",
+                    help="which fine-tunes to run (their rows are left out otherwise)")
     ap.add_argument("--select-samples", type=int, default=4)
     ap.add_argument("--nll-samples", type=int, default=2)
     ap.add_argument("--random-draws", type=int, default=2)
@@ -152,27 +154,33 @@ def main() -> None:
     chosen = {s: select(args.out, s, args) for s in ("nll", "error", "ratio")}
     draws = [select(args.out, "random", args, seed) for seed in range(args.random_draws)]
     print("fine-tunes:", flush=True)
-    full_lora = train(args.out, "full_lora", "lora", [], args.sink, args)
-    hyb_lora = train(args.out, "hybrid_lora", "lora", chosen["nll"], args.sink, args)
-    hyb_full = train(args.out, "hybrid_full", "full", chosen["nll"], args.sink, args)
-    hyb_lora_s0 = train(args.out, "hybrid_lora_s0", "lora", chosen["nll"], 0, args)
+    runs = {  # name: (mode, lazy layers, S)
+        "full_lora": ("lora", [], args.sink), "hybrid_lora": ("lora", chosen["nll"], args.sink),
+        "hybrid_full": ("full", chosen["nll"], args.sink), "hybrid_lora_s0": ("lora", chosen["nll"], 0)}
+    wanted = args.fine_tunes.split(",")
+    unknown = set(wanted) - set(runs)
+    if unknown:
+        sys.exit(f"unknown --fine-tunes {sorted(unknown)}; choose from {list(runs)}")
+    tuned = {name: train(args.out, name, *runs[name], args) for name in runs if name in wanted}
 
-    rows = [  # (row label, model, lazy layers, S, group)
+    rows = [  # (row label, model, lazy layers, S, group); rows of fine-tunes left out are skipped
         ("full model, before", MODEL, None, args.sink, None),
-        ("full model, after LoRA", full_lora, None, args.sink, None),
+        ("full model, after LoRA", tuned.get("full_lora"), None, args.sink, None),
         *[(f"hybrid training-free, {s} layers", MODEL, chosen[s], args.sink, None) for s in ("nll", "error", "ratio")],
         *[(f"hybrid training-free, random layers (draw {i})", MODEL, lz, args.sink, "random") for i, lz in enumerate(draws)],
-        ("hybrid after LightTransfer-Train, LoRA (S=4)", hyb_lora, chosen["nll"], args.sink, None),
-        ("hybrid after LightTransfer-Train, full FT (S=4)", hyb_full, chosen["nll"], args.sink, None),
-        ("hybrid after LightTransfer-Train, LoRA, S=0", hyb_lora_s0, chosen["nll"], 0, None),
-        ("control: every layer streaming, full model after LoRA", full_lora, every, args.sink, None),
+        ("hybrid after LightTransfer-Train, LoRA (S=4)", tuned.get("hybrid_lora"), chosen["nll"], args.sink, None),
+        ("hybrid after LightTransfer-Train, full FT (S=4)", tuned.get("hybrid_full"), chosen["nll"], args.sink, None),
+        ("hybrid after LightTransfer-Train, LoRA, S=0", tuned.get("hybrid_lora_s0"), chosen["nll"], 0, None),
+        ("control: every layer streaming, full model after LoRA", tuned.get("full_lora"), every, args.sink, None),
     ]
+    rows = [r for r in rows if r[1] is not None]
     texts = cot_texts(args)
     print("evaluation:", flush=True)
     results = []
-    for i, (label, model, layers, sink, group) in enumerate(rows):
-        s = evaluate(args.out, f"{i:02d}", model, layers, sink, args)
-        nll_path = os.path.join(args.out, f"eval_{i:02d}", "cot_nll.json")
+    for label, model, layers, sink, group in rows:
+        row = "".join(c if c.isalnum() else "_" for c in label.lower()) + f"_p{args.problems}"
+        s = evaluate(args.out, row, model, layers, sink, args)
+        nll_path = os.path.join(args.out, f"eval_{row}", f"cot_nll_{len(texts)}x{args.cot_length}.json")
         if not os.path.exists(nll_path):
             with open(nll_path, "w") as f:
                 json.dump({"nll": heldout_nll(model, layers, sink, args, texts)}, f)
