@@ -92,7 +92,7 @@ def evaluate(out: str, row: str, model: str, layers: list[int] | None, sink: int
                      "logging.wandb=false", *hybrid], done[0] if done else os.path.join(d, "-"),
          os.path.join(d, "log.txt"))
     with open(glob.glob(os.path.join(d, "*", "summary.json"))[0]) as f:
-        return json.load(f)
+        return json.load(f)["metrics"]
 
 
 def heldout_nll(model_path: str, layers: list[int] | None, sink: int, args, texts) -> float | None:

@@ -335,7 +335,7 @@ def train(cfg) -> dict:
             # dropout masks drawn from a stream of this packed row alone: the same rows give the same losses on
             # any number of processes (rank r's micro-step m is global row step * per_step + r * grad_accum + m);
             # gradient checkpointing's recomputation replays them (it restores the RNG state it saw)
-            torch.manual_seed(row_seed(seed, mine[m] if not sp else (step, rank, m)))
+            torch.manual_seed(row_seed(seed, step * per_step + rank * grad_accum + m if not sp else (step, rank, m)))
             if zero3:  # DeepSpeed's tiled loss: the head's backward runs inside, already scaled
                 scaled = token_loss_sum(model, inputs, zero3_scale=scale, engine=engine)
             else:
