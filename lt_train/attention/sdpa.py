@@ -166,7 +166,8 @@ class _BlockedFlashCPU(torch.autograd.Function):
             o, lse = _FLASH_CPU(q[:, :, :head], k[:, :, :head], v[:, :, :head], 0.0, True, scale=scale)
             out[:, :, :head] = o
             lse = torch.cat([lse, lse.new_empty(B, q.shape[1], T - head)], dim=2)
-        for sl, t0, t1 in _chunks(T - head, block, blocks(k, slice(0, 1)).shape[3], k.shape[2]):
+        ctx.keys_per_block = blocks(k, slice(0, 1)).shape[3]
+        for sl, t0, t1 in _chunks(T - head, block, ctx.keys_per_block, k.shape[2]):
             o, m = _FLASH_CPU(_to_blocks(q[:, :, head + t0:head + t1], block), _fold(blocks(k, sl)),
                               _fold(blocks(v, sl)), 0.0, False, attn_mask=_mask_rows(mask, B, sl), scale=scale)
             if lse is None:
@@ -188,7 +189,7 @@ class _BlockedFlashCPU(torch.autograd.Function):
                 grad_out[:, :, :h].contiguous(), q[:, :, :h], k[:, :, :h], v[:, :, :h], out[:, :, :h],
                 lse[:, :, :h].contiguous(), 0.0, True, scale=ctx.scale)
         k_, v_ = k.detach().requires_grad_(), v.detach().requires_grad_()
-        for sl, t0, t1 in _chunks(T - h, block, blocks(k, slice(0, 1)).shape[3], k.shape[2]):
+        for sl, t0, t1 in _chunks(T - h, block, ctx.keys_per_block, k.shape[2]):
             with torch.enable_grad():
                 kb, vb = _fold(blocks(k_, sl)), _fold(blocks(v_, sl))
             dqb, dkb, dvb = _FLASH_CPU_BACKWARD(
@@ -247,8 +248,9 @@ def chunked_streaming_sdpa(
 
 def _head_and_tail(q, k, v, sink: int, window: int, scale, block: int) -> torch.Tensor:
     """Streaming attention for rows without padding: queries before W by the fused causal kernel (the head),
-    the others by the blocked computation of `_chunked` with query blocks starting at W (the tail). Query W + i (local i) sees window keys i + 1 .. W + i and the
-    sinks s with i >= s (a sink inside the window counts there once)."""
+    the others by the blocked computation of `_chunked` with query blocks starting at W (the tail). Query
+    W + i (local i) sees window keys i + 1 .. W + i and the sinks s with i >= s (a sink inside the window
+    counts there once)."""
     B, Hq, T, D = q.shape
     Hkv, W = k.shape[1], window
     Tq = T - W
@@ -295,19 +297,14 @@ def _chunked(q, k, v, sink: int, window: int, scale, pad, offset, block: int) ->
         sink_idx = _sink_index(offset, sink)
         mask = None
 
-
     def blocks(x, sl=slice(None)):
         xb = _window_blocks(x, W, block, Tp)[:, sl]
         if sink_idx is None:
             return xb
         idx = sink_idx.clamp(0, T - 1)[:, None, :, None].expand(B, Hkv, sink, D)
         return torch.cat([x.gather(2, idx).unsqueeze(1).expand(B, xb.shape[1], Hkv, sink, D), xb], dim=3)
-    if mask is None:
-        def mask_fn():
-            return _sdpa_mask(B, T, sink, W, block, q.device, q.dtype, pad, offset)[0]
-    else:
-        def mask_fn():
-            return mask
+    mask_fn = ((lambda: mask) if mask is not None
+               else (lambda: _sdpa_mask(B, T, sink, W, block, q.device, q.dtype, pad, offset)[0]))
     return _blocked_sdpa(q, k, v, blocks, mask_fn, scale, block)
 
 
