@@ -120,6 +120,8 @@ def test_recall_states_the_answer_only_in_the_register_at_the_start():
     assert [p.id for p in probs] == [f"recall-7-{i}" for i in range(4)]
     with pytest.raises(ValueError, match="min_chars"):
         recall_examples(1, min_chars=10, max_chars=5)
+    with pytest.raises(ValueError, match="between 1 and 32"):
+        recall_examples(1, facts=33)
 
 
 def test_encode_masks_the_prompt_and_applies_the_length_policy():

@@ -128,8 +128,8 @@ def to_examples(rows: list[dict], columns: dict, source: str, on_error: str = "r
 
 
 def load_examples(cfg) -> tuple[list[Example], LoadReport]:
-    """Examples from a data config: `source` is 'demo', 'recall' (the embedded tasks), 'jsonl'/'json'/'parquet' (with `path`) or 'hub'
-    (with `dataset_id`). Raises when nothing is left."""
+    """Examples from a data config: `source` is 'demo' or 'recall' (the embedded tasks), 'jsonl' / 'json' /
+    'parquet' (with `path`) or 'hub' (with `dataset_id`). Raises when nothing is left."""
     source = cfg.get("source", "demo")
     on_error = cfg.get("on_error", "raise")
     if source in ("demo", "recall"):
