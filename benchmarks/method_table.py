@@ -4,7 +4,7 @@
 
 Two measures per row:
 - accuracy (± standard error over problems) on held-out problems of the embedded long-range task
-  (`eval=recall`, lt_train/data/recall.py): a code stated only at the start of a 1-2k-token context is asked
+  (`eval=recall`, lt_train/data/recall.py): a code stated only at the start of a 0.8-1.6k-token context is asked
   for at its end, answered greedily and graded by the project's grader;
 - held-out NLL of real long chain-of-thought text (../shared/data/long_cot_sft.jsonl; skipped when absent).
 
@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--min-chars", type=int, default=1200, help="recall contexts of 1200-2000 characters: "
-                    "about 550-900 SmolLM2 tokens, the register 450+ tokens behind the last query")
+                    "about 760-1590 SmolLM2 tokens (median 1130), the register 500+ tokens before the last query's window")
     ap.add_argument("--max-chars", type=int, default=2000)
     ap.add_argument("--fraction", type=float, default=0.5)
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps of each fine-tune")

@@ -48,7 +48,7 @@ def _recall_problem(rng: random.Random, facts: int, context_chars: int) -> tuple
 def recall_examples(n: int = 256, seed: int = 0, facts: int = 8, min_chars: int = 2000,
                     max_chars: int = 4000) -> list[Example]:
     """`n` recall problems with contexts of about `min_chars`..`max_chars` characters (SmolLM2 reads about
-    2.3 characters per token of this text); the same arguments always give the same problems."""
+    2.2 characters per token of this text); the same arguments always give the same problems."""
     # Notes that state a registered code are drawn again: with many codes almost every draw would, and the
     # generator would not finish; 32 codes leave most draws usable.
     if not 1 <= facts <= MAX_FACTS:
