@@ -384,3 +384,113 @@ def test_an_absurd_learning_rate_stops_after_max_bad_steps_without_an_export(tmp
     assert proc.returncode != 0
     assert "2 steps in a row" in proc.stderr and "non-finite loss or gradient norm" in proc.stderr, proc.stderr[-2000:]
     assert "Last good checkpoint:" in proc.stderr and not (tmp_path / "model").exists()
+
+
+class _Killed(BaseException):
+    """A kill: not an Exception, so no `except Exception` in the trainer or DeepSpeed turns it into a clean exit."""
+
+
+def _in_process_run(out, overrides, cache):
+    from hydra import compose, initialize_config_dir
+
+    from lt_train.train.loop import train
+    from train_helpers import TINY
+
+    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(os.path.dirname(__file__)), "conf"),
+                               version_base="1.3"):
+        cfg = compose("train", overrides=TINY + list(overrides) + [f"output_dir={out}", f"cache_dir={cache}"])
+    train(cfg)
+
+
+def _kill_at(monkeypatch, target: int | None) -> list[str]:
+    """Count the file-system operations of every checkpoint save (each write, rename and deletion, down to the
+    single files `rmtree` unlinks) and, when `target` is given, kill the process at that operation of the save
+    of step 3: a rename or deletion never happens; a write leaves half its bytes (a torn file)."""
+    import safetensors.torch
+
+    from lt_train.train import loop
+
+    ops, active = [], [False]
+
+    def kill_or_run(name, fn, write=False):
+        def wrapped(*args, **kwargs):
+            if not active[0]:
+                return fn(*args, **kwargs)
+            ops.append(name + "".join(f" {os.path.basename(a)}" for a in args[:2] if isinstance(a, str)))
+            if len(ops) - 1 != target:
+                return fn(*args, **kwargs)
+            if write:  # the bytes before the kill reach the disk: torch.save(obj, path), save_file(tensors, path)
+                fn(*args, **kwargs)
+                os.truncate(args[1], os.path.getsize(args[1]) // 2)
+            raise _Killed(ops[-1])
+        return wrapped
+
+    import builtins
+    real_open = builtins.open
+
+    def open_(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        if active[0] and isinstance(file, str) and any(c in mode for c in "wax"):
+            ops.append(f"write {os.path.basename(file)}")
+            if len(ops) - 1 == target:
+                close = f.close
+
+                def torn_close():
+                    close()
+                    os.truncate(file, os.path.getsize(file) // 2)
+                    raise _Killed(ops[-1])
+                f.close = torn_close  # the kill lands once the writer is done with the file
+        return f
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(safetensors.torch, "save_file", kill_or_run("save_file", safetensors.torch.save_file, True))
+    monkeypatch.setattr(torch, "save", kill_or_run("torch.save", torch.save, True))  # writes from C++, not open()
+    for name in ("replace", "unlink", "rmdir", "remove"):
+        monkeypatch.setattr(os, name, kill_or_run(f"os.{name}", getattr(os, name)))
+    real_save = loop.save_checkpoint
+
+    def save(engine, root, step, state, keep=2):
+        active[0] = step == 3
+        try:
+            return real_save(engine, root, step, state, keep)
+        finally:
+            active[0] = False
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    return ops
+
+
+def test_a_kill_at_any_operation_of_a_save_leaves_a_loadable_latest_and_resumes_exactly(tmp_path, monkeypatch):
+    """A save (keep_checkpoints=2, so the save of step 3 also deletes step 1) is killed at each of its file-system
+    operations in turn, on the same process: `latest` still names a complete checkpoint that loads, and the resumed
+    run logs the losses of the uninterrupted one."""
+    from safetensors.torch import load_file
+
+    from lt_train.train import checkpoint as ckpt
+
+    args = ["train=lora", "train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=2",
+            "validation.enabled=false"]
+    ops = _kill_at(monkeypatch, None)
+    _in_process_run(tmp_path / "a", args, tmp_path / "cache")
+    reference = losses(tmp_path / "a")
+    # the save of step 3: model, optimizer, rng, state written; renamed; `latest` written and renamed; step 1 deleted
+    names = " | ".join(ops)
+    for op in ("save_file", "torch.save optimizer.pt", "torch.save rng_rank0.pt", "write trainer_state.json",
+               "os.replace .partial-step_0000003 step_0000003", "latest", "os.rmdir step_0000001"):
+        assert op in names, names
+    for target in range(len(ops)):
+        run = tmp_path / f"kill{target}"
+        _kill_at(monkeypatch, target)
+        with pytest.raises(_Killed):
+            _in_process_run(run, args, tmp_path / "cache")
+        monkeypatch.undo()
+        root = str(run / "checkpoints")
+        last = ckpt.latest(root)
+        assert last is not None and os.path.basename(last) in ("step_0000002", "step_0000003"), (target, ops[target])
+        state, _ = ckpt.read_state(last)
+        assert state["step"] == int(last[-7:])
+        load_file(os.path.join(last, "trainable.safetensors"))
+        _in_process_run(run, args, tmp_path / "cache")
+        resumed = losses(run)
+        assert resumed.keys() == reference.keys()
+        for step in reference:
+            assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), (target, ops[target], step)
