@@ -248,17 +248,59 @@ def test_sample_seeds_are_distinct_within_a_run_and_stable():
     assert sample_seed(0, 2, 3, 8) == 2 * 1009 + 3  # samples already on disk keep their seeds on resume
 
 
-def test_top_k_and_top_p_keep_the_expected_tokens():
+def _kept(logits, gs, n=400):
+    """The tokens `next_tokens` draws over n seeds: the set its warping keeps."""
     from lt_train.eval.sampling import next_tokens
 
+    return {int(next_tokens(logits, gs, [torch.Generator().manual_seed(i)])[0]) for i in range(n)}
+
+
+def _sampling(temperature=1.0, top_p=1.0, top_k=0):
+    return GenSettings(1, False, temperature, top_p, top_k, 1, 1, 0, None, None)
+
+
+def test_top_k_and_top_p_keep_the_expected_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    draw = lambda gs, n=400: {int(next_tokens(logits, gs, [g])[0]) for g in  # noqa: E731
-                              [torch.Generator().manual_seed(i) for i in range(n)]}
-    gs = GenSettings(1, False, 1.0, 1.0, 0, 1, 1, 0, None, None)
-    assert draw(gs) == {0, 1, 2, 3}
-    assert draw(GenSettings(1, False, 1.0, 0.8, 0, 1, 1, 0, None, None)) == {0, 1}      # 0.5 + 0.3 reach 0.8
-    assert draw(GenSettings(1, False, 1.0, 0.81, 0, 1, 1, 0, None, None)) == {0, 1, 2}
-    assert draw(GenSettings(1, False, 1.0, 1.0, 3, 1, 1, 0, None, None)) == {0, 1, 2}
+    assert _kept(logits, _sampling()) == {0, 1, 2, 3}
+    # top-p keeps the most likely tokens whose mass reaches p (0.5 + 0.3 = 0.8), thresholds clear of float ties
+    assert _kept(logits, _sampling(top_p=0.78)) == {0, 1}
+    assert _kept(logits, _sampling(top_p=0.82)) == {0, 1, 2}
+    assert _kept(logits, _sampling(top_p=0.4)) == {0}
+    assert _kept(logits, _sampling(top_k=3)) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(0.25, 0.8, 0), (2.0, 0.8, 0), (0.5, 0.9, 3), (0.25, 0.6, 2)])
+def test_temperature_comes_before_top_k_and_top_p_as_in_transformers(temperature, top_p, top_k):
+    """transformers' warpers (temperature, then top-k, then top-p: the order `generate` builds them in) are the
+    reference. Each case keeps another set if the temperature came after top-p: 0.52, 0.3, 0.12, 0.06 at T=0.25
+    sharpens to 0.90, 0.09, ... (top-p 0.8 keeps one token, not two), at T=2 flattens to 0.39, 0.30, 0.19, 0.13
+    (three, not two), at T=0.5 to 0.71, 0.24, ... (top-p 0.9: two, not three); no cumulative mass sits near p."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.log(torch.tensor([[0.52, 0.3, 0.12, 0.06]]))
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else [])
+                                  + [TopPLogitsWarper(top_p)])
+    reference = set(torch.isfinite(warpers(None, logits.clone())[0]).nonzero().flatten().tolist())
+    untempered = TopPLogitsWarper(top_p)(None, logits.clone())  # top-p before the temperature
+    wrong_order = set(torch.isfinite(untempered[0]).nonzero().flatten().tolist())
+    if top_k:
+        wrong_order = {t for t in wrong_order if t < top_k}
+    assert reference != wrong_order  # the case can tell the orders apart
+    assert _kept(logits, _sampling(temperature, top_p, top_k)) == reference
+
+
+def test_the_checkpoints_own_generation_defaults_are_not_applied():
+    """A checkpoint's generation_config (here top-k 1 and a repetition penalty, as shipped defaults like Qwen's
+    top-k 20 / LLaMA's top-p 0.9 are) must not change the protocol's samples: only eval.* settings apply."""
+    model, tok = tiny_model(), tiny_tokenizer()
+    prompts = [build_prompt(tok, "What is 12+30?"), build_prompt(tok, "Q")]
+    gs = GenSettings(2, False, 1.0, 1.0, 0, 12, 2, 0, None, None)
+    plain = generate_batch(model, tok, prompts, gs, [3, 4]).texts
+    greedy = generate_batch(model, tok, prompts, _greedy(12, 2), [3, 4]).texts
+    assert plain != greedy  # top-k 1 would make these samples greedy
+    model.generation_config.top_k, model.generation_config.repetition_penalty = 1, 5.0
+    model.generation_config.do_sample, model.generation_config.temperature = True, 0.1
+    assert generate_batch(model, tok, prompts, gs, [3, 4]).texts == plain
 
 
 @pytest.mark.parametrize("hybrid", [False, True])
@@ -477,6 +519,47 @@ def test_compare_full_and_hybrid_side_by_side(tmp_path, monkeypatch, hybrid, att
 
     (wb,) = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert {"tiny+hybrid/pass@1", "tiny/peak_kv_bytes", "comparison/kv_memory_ratio"} <= summary_keys(str(wb))
+
+
+def test_scripted_comparison_gives_the_differences_computed_by_hand(tmp_path, monkeypatch):
+    """Both models' outputs scripted per (problem, sample), the answers written as models write them. By hand, with
+    4 samples of 3 problems: A (hybrid) gets 3, 1, 1 right, B (full) 4, 2, 1, so the per-problem pass@1 differences
+    are -1/4, -1/4, 0: mean -1/6, paired SE = sd / sqrt(3) = sqrt(1/48) / sqrt(3) = 1/12 (the SE of each run alone
+    would be larger: the pairing removes what the problems share). maj@4: A's problem 1 votes the wrong 7 twice
+    against one right answer, so A 2/3, B 3/3. pass@2 = 1 - C(4-c, 2) / C(4, 2): A (1 + 1/2 + 1/2) / 3 = 2/3,
+    B (1 + 5/6 + 1/2) / 3 = 7/9, difference -1/9; pass@4: 1 for both. B's answers are twice as long and its
+    batches take half the time: throughput A/B = (120 / 2 s) / (240 / 1 s) = 1/4; KV 1000 / 4000 bytes."""
+    R, W, N = "R", "\\boxed{7}", "no answer"  # right (the problem's answer), wrong, none
+    script = {True: [[R, R, "The final answer is R.", W], [R, W, W, N], [R, N, N, N]],   # A, the hybrid
+              False: [[R, R, R, R], [R, R, W, N], [N, N, R, N]]}                       # B, the full model
+    problems = load_problems(_cfg(["eval=demo", "eval.num_problems=3"]).eval)
+
+    def scripted(model, tok, prompts, gs, seeds):
+        hybrid = bool(getattr(model.config, "lt_hybrid", None))
+        batch = next(rows for rows in plan_batches(3, 4, gs.batch_size)
+                     if [runner.sample_seed(gs.seed, p, s, gs.n_samples) for p, s in rows] == seeds)
+        texts = [script[hybrid][p][s].replace("R", "\\boxed{%s}" % problems[p].answer) for p, s in batch]
+        return BatchOutput(texts, [10 if hybrid else 20] * len(texts), [True] * len(texts),
+                           0.5 if hybrid else 0.25, 1000 if hybrid else 4000)
+
+    monkeypatch.setattr(runner, "generate_batch", scripted)
+    res = job.run(_cfg(["model=tiny", "eval=demo", "eval.num_problems=3", "eval.n_samples=4", "eval.batch_size=3",
+                        "hybrid.lazy_layers=[1,3]", "eval.compare_with=tiny", f"output_dir={tmp_path}"]),
+                  conf_dir=CONF)
+    c = json.load(open(tmp_path / "comparison.json"))
+    assert c == res["comparison"] and (c["model"], c["compare_with"]) == ("tiny+hybrid", "tiny")
+    assert [p["correct"] for p in res["tiny+hybrid"]["problems"]] == [3, 1, 1]
+    assert [p["correct"] for p in res["tiny"]["problems"]] == [4, 2, 1]
+    assert c["pass@1_diff"] == pytest.approx(-1 / 6) and c["pass@1_diff_se"] == pytest.approx(1 / 12)
+    assert c["maj@4_diff"] == pytest.approx(-1 / 3)
+    assert c["throughput_ratio"] == pytest.approx(1 / 4) and c["kv_memory_ratio"] == pytest.approx(1 / 4)
+    assert c["mean_output_tokens_ratio"] == pytest.approx(1 / 2)
+    md = open(tmp_path / "comparison.md", encoding="utf-8").read()
+    for row in ("| pass@1 | 41.7% ± 16.7% | 58.3% ± 22.0% | -16.7 ± 8.3 points (paired SE) |",
+                "| maj@4 | 66.7% | 100.0% | -33.3 points |", "| pass@2 | 66.7% | 77.8% | -11.1 points |",
+                "| pass@4 | 100.0% | 100.0% | +0.0 points |", "| generation tokens/s | 60.0 | 240.0 | 0.25x |",
+                f"| {problems[1].id} | {problems[1].answer} | 1/4 | 2/4 | -1 |"):
+        assert row in md, row
 
 
 @pytest.mark.slow
