@@ -212,13 +212,29 @@ def check_plan(cfg, world_size: int, rank: int):
     return plan
 
 
+def _bf16_weights(cfg, use_ds: bool, rank: int) -> None:
+    """train.bf16 under DeepSpeed: load the weights in bfloat16, whatever model.dtype says. DeepSpeed's bf16 mode
+    trains bf16 weights against the optimizer's fp32 master copy, but under ZeRO-3 it does not cast the weights
+    zero.Init partitions: a model loaded in fp32 trains in fp32 there, twice the memory, with no warning (ZeRO-2
+    casts after loading). The export is then bfloat16 too."""
+    if not (use_ds and cfg.train.get("bf16")) or cfg.model.get("dtype") == "bfloat16":
+        return
+    from omegaconf import open_dict
+
+    _log(rank, f"train.bf16=true: weights load in bfloat16 (model.dtype={cfg.model.get('dtype')} set aside; "
+               "DeepSpeed keeps the fp32 master copy in the optimizer)")
+    with open_dict(cfg):
+        cfg.model.dtype = "bfloat16"
+
+
 def train(cfg) -> dict:
     rank, world_size = world()
     validate(cfg, world_size)
     out_dir = cfg.output_dir
     os.makedirs(out_dir, exist_ok=True)
-    check_plan(cfg, world_size, rank)  # before any weights load
     use_ds = cfg.deepspeed.stage > 0
+    _bf16_weights(cfg, use_ds, rank)
+    check_plan(cfg, world_size, rank)  # before any weights load
     if use_ds:
         import deepspeed
 
