@@ -13,7 +13,8 @@ from .example import Example
 _OPS = ("add", "subtract", "multiply by")
 
 
-def _problem(rng: random.Random, steps: int) -> tuple[str, str, int]:
+def arithmetic_problem(rng: random.Random, steps: int) -> tuple[str, str, int]:
+    """One chain of modular arithmetic: (question, worked solution ending in a boxed answer, answer)."""
     value = rng.randint(1, 999)
     ops = [(rng.choice(_OPS), rng.randint(2, 99)) for _ in range(steps)]
     listing = "; ".join(f"{op} {n}" for op, n in ops)
@@ -44,6 +45,6 @@ def demo_examples(n: int = 256, seed: int = 0, min_steps: int = 12, max_steps: i
     out = []
     for i in range(n):
         rng = random.Random(f"lt_train-demo-{seed}-{i}")
-        q, r, ans = _problem(rng, rng.randint(min_steps, max_steps))
+        q, r, ans = arithmetic_problem(rng, rng.randint(min_steps, max_steps))
         out.append(Example(question=q, response=r, answer=str(ans), id=f"demo-{seed}-{i}"))
     return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 
-from .demo import _problem
+from .demo import arithmetic_problem
 from .example import Example
 
 _ADJECTIVES = ("amber", "brisk", "coral", "dusty", "early", "faint", "gentle", "hollow", "ivory", "jolly",
@@ -30,7 +30,7 @@ def _recall_problem(rng: random.Random, facts: int, context_chars: int) -> tuple
     log = []
     size = 0
     while size < context_chars:  # filler: worked arithmetic, as a long reasoning trace would have
-        _, steps, _ = _problem(rng, rng.randint(4, 12))
+        _, steps, _ = arithmetic_problem(rng, rng.randint(4, 12))
         steps = steps.rsplit("\n", 1)[0]  # without its boxed answer: the only answer asked for is a code
         if stated.search(steps):  # a code written again in the notes could be copied from the window
             continue
