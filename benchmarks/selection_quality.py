@@ -82,9 +82,10 @@ def main() -> None:
         rows.append((strategy, mean_nll(model, heldout) - full, layers, took))
         revert_hybrid(model)
         print(f"{strategy:>10}: dNLL {rows[-1][1]:+.4f}  layers {layers}  (selection {took:.0f}s)", flush=True)
-    draws = []
+    draws, random_layers = [], []
     for seed in range(args.random_draws):
         layers = select_with_stats(model, calib[:1], args.fraction, "random", S, W, args.last_queries, seed).layers
+        random_layers.append(layers)
         convert_to_hybrid(model, HybridConfig(layers, S, W))
         draws.append(mean_nll(model, heldout) - full)
         revert_hybrid(model)
@@ -100,10 +101,14 @@ def main() -> None:
         print(f"| random, mean ± sd of {len(draws)} draws | {statistics.mean(draws):+.4f} ± "
               f"{statistics.stdev(draws):.4f} (min {min(draws):+.4f}, max {max(draws):+.4f}) | |")
     if args.online:
-        rows_online = online_rows(model, heldout, args)
+        fixed = [(f"fixed: offline `{strategy}` layers", [layers]) for strategy, _, layers, _ in rows]
+        if random_layers:
+            fixed.append((f"fixed: random layers, mean of {len(random_layers)} draws", random_layers))
+        rows_online = online_rows(model, heldout, args, fixed)
         print(f"\nLightTransfer-Test (online, {args.fraction:.0%} lazy, chosen during the prefill of the first "
-              f"{args.length // 2} tokens; NLL of the other {args.length - args.length // 2} teacher-forced):")
-        print("| online criterion | continuation NLL increase | seconds (prefill + continuation, all texts) |")
+              f"{args.length // 2} tokens of each held-out text; NLL of the other {args.length - args.length // 2} "
+              "teacher-forced; fixed rows: the same layers for every text, for comparison):")
+        print("| layers | continuation NLL increase | seconds (prefill + continuation, all texts) |")
         print("|---|---:|---:|")
         for criterion, d, took in rows_online:
             print(f"| {criterion} | {d:+.4f} | {took:.0f} |")
@@ -123,10 +128,11 @@ def continuation_nll(model, ids: torch.Tensor, prompt: int, cache) -> tuple[floa
     return nll, list(getattr(cache, "lazy_layers", []))
 
 
-def online_rows(model, heldout, args) -> list[tuple[str, float, float]]:
+def online_rows(model, heldout, args, fixed=()) -> list[tuple[str, float, float]]:
     """LightTransfer-Test: on each held-out text the first half is the prompt, during whose prefill the online
     queue picks the lazy layers (by `ratio` or by `error`); the second half is teacher-forced through the
-    resulting cache. Rows: (criterion, NLL increase over the full model, seconds)."""
+    resulting cache. `fixed`: (name, [layer lists]) measured the same way with those layers lazy on every text
+    (mean over the lists). Rows: (name, NLL increase over the full model, seconds)."""
     from transformers import DynamicCache
 
     from lt_train.hybrid import make_cache
@@ -144,6 +150,16 @@ def online_rows(model, heldout, args) -> list[tuple[str, float, float]]:
         out.append((criterion, statistics.mean(r[0] for r in res) - full, took))
         print(f"online {criterion:>6}: dNLL {out[-1][1]:+.4f} ({took:.0f}s; layers of the first text {res[0][1]})",
               flush=True)
+    for name, lists in fixed:
+        t0 = time.perf_counter()
+        ds = []
+        for layers in lists:
+            convert_to_hybrid(model, HybridConfig(layers, args.sink, args.window))
+            ds.append(statistics.mean(continuation_nll(model, t, half, make_cache(model.config))[0]
+                                      for t in heldout) - full)
+            revert_hybrid(model)
+        out.append((name, statistics.mean(ds), time.perf_counter() - t0))
+        print(f"{name}: dNLL {out[-1][1]:+.4f}", flush=True)
     return out
 
 
