@@ -23,7 +23,7 @@ class HybridConfig:
     # LightTransfer-Test: choose this many (or this fraction of) layers during each prefill instead
     online_num_lazy: int | float | None = None
     last_queries: int = 64  # queries whose attention decides online selection
-    online_criterion: str = "ratio"  # how online selection ranks layers: "ratio" (attention mass) | "error"
+    online_criterion: str = "error"  # how online selection ranks layers: "error" (output error, measured best) | "ratio" (attention mass, the paper)
 
     def validate(self, num_layers: int | None = None) -> None:
         if self.sink_tokens < 0:
@@ -62,4 +62,5 @@ class HybridConfig:
         if data is None:
             raise ValueError("this model config has no hybrid settings; call convert_to_hybrid first")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        # saved before the criterion was a setting (or while "ratio" was the default): those ranked by ratio
+        return cls(**{"online_criterion": "ratio", **{k: v for k, v in data.items() if k in names}})

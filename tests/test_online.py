@@ -94,3 +94,17 @@ def test_online_config_errors():
         convert_to_hybrid(tiny_model("llama"), HybridConfig([1], online_num_lazy=2))
     with pytest.raises(ValueError, match="out of range"):
         convert_to_hybrid(tiny_model("llama"), HybridConfig([], online_num_lazy=9))
+
+
+def test_online_ranks_by_output_error_by_default_and_old_checkpoints_keep_ratio(tmp_path):
+    """`error` is the default (benchmarks/selection_quality.py: it halves the NLL cost of ratio online); a hybrid
+    saved before the criterion was a setting ranked by ratio and loads that way, a new one keeps its criterion."""
+    from lt_train import load_hybrid
+
+    model = convert_to_hybrid(tiny_model("llama"), HybridConfig([], online_num_lazy=2))
+    assert HybridConfig.from_model_config(model.config).online_criterion == "error"
+    model.save_pretrained(tmp_path / "new")
+    assert HybridConfig.from_model_config(load_hybrid(str(tmp_path / "new")).config).online_criterion == "error"
+    del model.config.lt_hybrid["online_criterion"]
+    model.save_pretrained(tmp_path / "old")
+    assert HybridConfig.from_model_config(load_hybrid(str(tmp_path / "old")).config).online_criterion == "ratio"

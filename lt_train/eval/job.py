@@ -41,7 +41,7 @@ def hybrid_from_config(hcfg) -> HybridConfig | None:
     backend = hcfg.get("backend", "auto")
     if chosen[0] == "online_num_lazy":
         return HybridConfig([], S, W, backend, online_num_lazy=hcfg.online_num_lazy,
-                            online_criterion=hcfg.get("online_criterion", "ratio"))
+                            online_criterion=hcfg.get("online_criterion", "error"))
     if chosen[0] == "from_file":
         sel = read_selection(str(hcfg.from_file), "hybrid.from_file")
         # the layers were chosen for the file's S and W: use those
