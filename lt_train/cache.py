@@ -82,7 +82,7 @@ class _CountedLayer(CacheLayerMixin):
 class FullLayer(_CountedLayer):
     """A full layer's cache in a preallocated buffer: each step writes its tokens in place and attention reads a
     view of the filled part, so no step copies the whole history (transformers' `DynamicLayer` does, by
-    `torch.cat`). Sized from `max_cache_len` when the caller knows it (generate, the evaluator), else grown by an
+    `torch.cat`). Sized from `max_cache_len` when the caller knows it (`generate`), else grown by an
     eighth (at least `MIN_GROW` tokens) at a time, which amortises the copies to a few tokens per step."""
 
     is_sliding = False

@@ -228,6 +228,22 @@ def test_kv_bytes_of_a_full_model_match_the_cache_size_formula():
     assert out.kv_bytes == 2 * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * T * 4
 
 
+def test_kv_memory_follows_the_tokens_generated_not_max_new_tokens(monkeypatch):
+    """A row that ends early holds no memory for tokens it never generates: the hybrid's peak KV bytes are the
+    same with max_new_tokens 8 and 400 when the row stops at its fourth token (a buffer sized to prompt +
+    max_new_tokens made a hybrid's peak larger than the full model's on long-output runs)."""
+    from lt_train.eval import sampling
+
+    model, tok, prompts = _tiny_generator("llama", True, [1, 3])
+    first = generate_batch(model, tok, prompts[:1], _greedy(8, 1), seeds=[0])
+    ids = tok(first.texts[0], add_special_tokens=False).input_ids
+    stop = next(t for i, t in enumerate(ids) if i >= 3 and t not in ids[:i])
+    monkeypatch.setattr(sampling, "eos_ids", lambda *a: [stop])
+    short, long = (generate_batch(model, tok, prompts[:1], _greedy(n, 1), seeds=[0]) for n in (8, 400))
+    assert short.tokens == long.tokens and long.finished == [True] and long.tokens[0] < 8
+    assert long.kv_bytes == short.kv_bytes
+
+
 def test_a_sample_depends_on_its_seed_not_on_its_batch_mates():
     model, tok = tiny_model(), tiny_tokenizer()
     gs = GenSettings(2, False, 1.0, 0.95, 0, 12, 2, 0, None, None)

@@ -79,6 +79,26 @@ def test_full_layers_on_eager_attention_match_reference(arch, monkeypatch):
     assert len(calls) == 2 * (1 + 12)  # the two full layers, in the forward and in each decoding step
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_full_layers_on_flex_attention_match_reference(arch, monkeypatch):
+    """A model loaded with attn_implementation='flex_attention' (forward only: FlexAttention has no backward on
+    CPU): its full layers keep transformers' flex attention, the lazy ones stream; left-padded forward equal to
+    the reference."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model, ref = _pair(arch, base="flex_attention")
+    flex, calls = ALL_ATTENTION_FUNCTIONS["flex_attention"], []
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flex_attention",
+                        lambda *a, **k: calls.append(1) or flex(*a, **k))
+    ids, am = _left_padded()
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    real = am.bool()
+    with torch.no_grad():
+        out = model(ids, attention_mask=am, position_ids=pos).logits
+    torch.testing.assert_close(out[real], reference_logits(ref, ids, am)[real], atol=2e-5, rtol=1e-4)
+    assert len(calls) == 2  # the two full layers
+
+
 def test_gradients_match_reference():
     model, ref = _pair("qwen2")
     model.train(), ref.train()
