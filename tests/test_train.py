@@ -463,9 +463,12 @@ def test_a_kill_at_any_operation_of_a_save_leaves_a_loadable_latest_and_resumes_
     """A save (keep_checkpoints=2, so the save of step 3 also deletes step 1) is killed at each of its file-system
     operations in turn, on the same process: `latest` still names a complete checkpoint that loads, and the resumed
     run logs the losses of the uninterrupted one."""
+    import signal
+
     from safetensors.torch import load_file
 
     from lt_train.train import checkpoint as ckpt
+    from lt_train.train.preemption import SIGNALS
 
     args = ["train=lora", "train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=2",
             "validation.enabled=false"]
@@ -480,9 +483,12 @@ def test_a_kill_at_any_operation_of_a_save_leaves_a_loadable_latest_and_resumes_
     for target in range(len(ops)):
         run = tmp_path / f"kill{target}"
         _kill_at(monkeypatch, target)
+        handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
         with pytest.raises(_Killed):
             _in_process_run(run, args, tmp_path / "cache")
         monkeypatch.undo()
+        for sig, handler in handlers.items():  # a killed process leaves no handlers behind; this one would
+            signal.signal(sig, handler)
         root = str(run / "checkpoints")
         last = ckpt.latest(root)
         assert last is not None and os.path.basename(last) in ("step_0000002", "step_0000003"), (target, ops[target])
