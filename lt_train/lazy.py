@@ -21,7 +21,7 @@ from .distributed import all_reduce_tensor, group
 from .lazy_ratio import layer_lazy_ratio, layer_output_error, resolve_num_lazy  # noqa: F401 -- part of this module's interface
 from .nll import decoder_of
 
-STRATEGIES = ("default", "nll", "error", "error_nll", "ratio", "frequency", "random", "first", "last", "pyramid")
+STRATEGIES = ("default", "nll", "error", "ratio", "frequency", "random", "first", "last", "pyramid")
 DEFAULT_STRATEGY = "nll"  # measured best on SmolLM2 (README, benchmarks/selection_quality.py)
 
 
@@ -130,7 +130,7 @@ class Selection:
     per_sample_ratio: list[list[float]]  # [sample][layer]
     sample_lengths: list[int]
     frequency: list[int] | None = None  # times each layer was among a sample's top-k laziest
-    delta_nll: list[float | None] | None = None  # per layer, converted alone ("nll"; "error_nll": the borderline)
+    delta_nll: list[float] | None = None  # per layer, converted alone (strategy "nll")
     output_error: list[float] | None = None  # per layer, relative output error of streaming (strategy "error")
     base_nll: float | None = None
     short_samples: int = 0
@@ -181,7 +181,7 @@ def select_with_stats(model, samples, num_lazy, strategy: str = "default", sink_
     # (zeros elsewhere) gives every rank the same statistics, so they all choose the same layers.
     rank, world_size = group()
     heads = None
-    want_error = strategy in ("error", "error_nll")
+    want_error = strategy == "error"
     errors = torch.zeros(len(samples), L, dtype=torch.float64)
     for k in tqdm(range(rank, len(samples), world_size), desc="lazy ratios", disable=not progress):
         h, e = layer_statistics(model, samples[k].to(dev)[None], sink_tokens, recent_tokens, last_queries,
@@ -209,18 +209,10 @@ def select_with_stats(model, samples, num_lazy, strategy: str = "default", sink_
                 counts[i] += 1
         sel.frequency = counts
         layers = sorted(range(L), key=lambda i: (-counts[i], -mean_ratio[i].item()))[:n]
-    elif strategy in ("error", "error_nll"):  # the layers whose output streaming attention changes least
+    elif strategy == "error":  # the layers whose output streaming attention changes least
         err = all_reduce_tensor(errors).mean(0)
         sel.output_error = err.tolist()
-        layers = sorted(range(L), key=lambda i: (err[i].item(), -mean_ratio[i].item()))
-        if strategy == "error_nll":  # the sixth of the layers either side of the cut-off, measured by nll
-            band = max(1, round(L / 6))
-            sure, borderline = layers[: max(0, n - band)], layers[max(0, n - band): n + band]
-            delta, base_nll = single_layer_delta_nll(model, samples[:nll_samples], sink_tokens, recent_tokens,
-                                                     progress, layers=borderline)
-            sel.delta_nll, sel.base_nll = delta, base_nll
-            layers = sure + sorted(borderline, key=lambda i: (delta[i], err[i].item()))
-        layers = layers[:n]
+        layers = sorted(range(L), key=lambda i: (err[i].item(), -mean_ratio[i].item()))[:n]
     elif strategy == "random":
         layers = _random.Random(seed).sample(range(L), n)
     elif strategy == "first":
@@ -237,12 +229,10 @@ def select_with_stats(model, samples, num_lazy, strategy: str = "default", sink_
     return sel
 
 
-def single_layer_delta_nll(model, samples, sink_tokens: int, window: int, progress: bool = False,
-                           layers: list[int] | None = None):
-    """Increase of the mean NLL on `samples` when each layer alone (of `layers`, default all; the others score
-    None) becomes a streaming layer. Shared out over the process group: rank r scores the r-th, (r + world)-th,
-    ... of them; the results are summed over ranks, so every rank holds every score (each rank computes the
-    unconverted NLL itself: one forward per sample)."""
+def single_layer_delta_nll(model, samples, sink_tokens: int, window: int, progress: bool = False):
+    """Increase of the mean NLL on `samples` when each layer alone becomes a streaming layer. Shared out over
+    the process group: rank r scores layers r, r + world, ...; the results are summed over ranks, so every rank
+    holds every layer's score (each rank computes the unconverted NLL itself: one forward per sample)."""
     from tqdm.auto import tqdm
 
     from .hybrid import HybridConfig, convert_to_hybrid, revert_hybrid, set_lazy_layers
@@ -252,16 +242,14 @@ def single_layer_delta_nll(model, samples, sink_tokens: int, window: int, progre
     rank, world_size = group()
     base_nll = mean_nll(model, samples)
     convert_to_hybrid(model, HybridConfig([], sink_tokens, window))
-    todo = list(range(L)) if layers is None else list(layers)
     delta = torch.zeros(L, dtype=torch.float64)
     try:
-        for i in tqdm(todo[rank::world_size], desc="single-layer NLL", disable=not progress):
+        for i in tqdm(range(rank, L, world_size), desc="single-layer NLL", disable=not progress):
             set_lazy_layers(model, HybridConfig([i], sink_tokens, window))
             delta[i] = mean_nll(model, samples) - base_nll
     finally:
         revert_hybrid(model)
-    measured = set(todo)
-    return [v if i in measured else None for i, v in enumerate(all_reduce_tensor(delta).tolist())], base_nll
+    return all_reduce_tensor(delta).tolist(), base_nll
 
 
 def read_selection(path: str, setting: str) -> dict:

@@ -40,9 +40,8 @@ def plot_ratios(path: str, result: dict) -> None:
     L = len(result["per_layer_ratio"])
     chosen = set(result["lazy_layers"])
     colors = ["tab:orange" if i in chosen else "tab:blue" for i in range(L)]
-    # error_nll measures the NLL of the borderline layers only: its complete statistic is the output error
-    second = ("output_error", "relative output error") if result.get("output_error") else (
-        ("delta_nll", "NLL increase, layer alone") if result.get("delta_nll") else None)
+    second = ("delta_nll", "NLL increase, layer alone") if result.get("delta_nll") else (
+        ("output_error", "relative output error") if result.get("output_error") else None)
     panels = 2 if second else 1
     fig, axes = plt.subplots(panels, 1, figsize=(max(6, L * 0.3), 3.2 * panels), squeeze=False)
     ax = axes[0][0]

@@ -193,24 +193,6 @@ def test_error_strategy_picks_the_layers_with_the_smallest_output_error():
     assert sel.layers == sorted(sorted(range(5), key=lambda i: sel.output_error[i])[:2])
 
 
-def test_error_nll_measures_only_the_borderline_layers_by_nll():
-    """12 layers, 6 lazy: the band is 2 layers either side of the cut-off by output error (ranks 4..7). The 4 layers
-    with the smallest error are kept unmeasured; the band's NLL scores equal those of `nll` (which measures every
-    layer), and its 2 best by NLL fill the rest; the other layers carry no NLL score."""
-    model = tiny_model("llama", num_layers=12)
-    samples = _samples(2, T=40)
-    both = select_with_stats(model, samples, 6, "error_nll", 2, 6, 8, nll_samples=2)
-    full = select_with_stats(model, samples, 6, "nll", 2, 6, 8, nll_samples=2)
-    err = select_with_stats(model, samples, 6, "error", 2, 6, 8)
-    by_error = sorted(range(12), key=lambda i: err.output_error[i])
-    sure, band = by_error[:4], by_error[4:8]
-    assert both.output_error == err.output_error
-    assert [i for i, d in enumerate(both.delta_nll) if d is not None] == sorted(band)
-    for i in band:
-        assert both.delta_nll[i] == pytest.approx(full.delta_nll[i], rel=1e-6, abs=1e-9)
-    assert both.layers == sorted(sure + sorted(band, key=lambda i: full.delta_nll[i])[:2])
-
-
 def test_selection_input_errors():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="no samples"):
