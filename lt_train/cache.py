@@ -90,9 +90,10 @@ class FullLayer(_CountedLayer):
     is_croppable = True
     MIN_GROW = 256
 
-    def __init__(self, max_cache_len: int | None = None, **kwargs):
+    def __init__(self, max_cache_len: int | None = None, grow: bool = False, **kwargs):
         super().__init__()
         self.max_cache_len = max_cache_len
+        self.grow = grow
         self.seen = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -111,7 +112,10 @@ class FullLayer(_CountedLayer):
             return
         new = tokens if cap == 0 else max(tokens, cap + max(self.MIN_GROW, cap // 8))
         if self.max_cache_len is not None and tokens <= self.max_cache_len:
-            new = max(tokens, min(new, self.max_cache_len)) if cap else self.max_cache_len
+            if self.grow:  # the length is only an upper bound: grow with the tokens, never past it
+                new = max(tokens, min(new, self.max_cache_len))
+            else:
+                new = max(tokens, min(new, self.max_cache_len)) if cap else self.max_cache_len
         k = self._k.new_empty(*self._k.shape[:2], new, self._k.shape[3])
         v = self._v.new_empty(*self._v.shape[:2], new, self._v.shape[3])
         k[:, :, : self.seen] = self._k[:, :, : self.seen]
@@ -341,15 +345,16 @@ class HybridCache(Cache):
 
     `generate()` of a converted model builds one automatically (sized from the prompt and `max_new_tokens`);
     build it by hand for `forward` calls. `max_cache_len`: the longest sequence expected (prompt + new
-    tokens), so that full layers allocate once; without it they grow in large steps."""
+    tokens), so that full layers allocate once; without it they grow in large steps. `grow=True`: the length is
+    only an upper bound (rows that end at very different lengths): full layers grow with the tokens up to it."""
 
     def __init__(self, config, lazy_layers: list[int] | None = None, sink_tokens: int | None = None,
-                 window: int | None = None, max_cache_len: int | None = None):
+                 window: int | None = None, max_cache_len: int | None = None, grow: bool = False):
         hc = HybridConfig.from_model_config(config) if lazy_layers is None else None
         lazy = set(lazy_layers if lazy_layers is not None else hc.lazy_layers)
         S = sink_tokens if sink_tokens is not None else hc.sink_tokens
         W = window if window is not None else hc.window
-        self.max_cache_len = max_cache_len
+        self.max_cache_len, self.grow = max_cache_len, grow
         base = DynamicCache(config=config)
         n = config.get_text_config(decoder=True).num_hidden_layers
         layers = [StreamingLayer(S, W, max_cache_len) if i in lazy else self._full_layer(base, i) for i in range(n)]
@@ -358,7 +363,7 @@ class HybridCache(Cache):
     def _full_layer(self, base: DynamicCache, i: int):
         if i < len(base.layers) and type(base.layers[i]) is not DynamicLayer:
             return base.layers[i]  # e.g. a sliding-window layer of the model's own config
-        return FullLayer(self.max_cache_len)
+        return FullLayer(self.max_cache_len, self.grow)
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held by the cache: total, full layers, lazy layers."""

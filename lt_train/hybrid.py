@@ -234,22 +234,22 @@ def _register(base: str) -> str:
 # Caches of a converted model
 
 
-def make_cache(config, max_cache_len: int | None = None) -> Cache:
+def make_cache(config, max_cache_len: int | None = None, grow: bool = False) -> Cache:
     """The cache `generate()` of a converted model uses: static lazy layers, or online selection.
     `max_cache_len` (prompt + new tokens, when known) sizes the full layers' buffers once."""
     hc = HybridConfig.from_model_config(config)
     if hc.online_num_lazy is not None:
         return OnlineHybridCache(config, hc.online_num_lazy, hc.sink_tokens, hc.window, hc.last_queries,
-                                 max_cache_len=max_cache_len, criterion=hc.online_criterion)
-    return HybridCache(config, max_cache_len=max_cache_len)
+                                 max_cache_len=max_cache_len, criterion=hc.online_criterion, grow=grow)
+    return HybridCache(config, max_cache_len=max_cache_len, grow=grow)
 
 
-def new_cache(model, max_cache_len: int | None = None) -> Cache:
+def new_cache(model, max_cache_len: int | None = None, grow: bool = False) -> Cache:
     """A fresh cache for `model.generate(cache=...)`: the hybrid cache of a converted model, else the
     default dynamic cache. Passing it in lets the caller read its size afterwards."""
     config = model.config
     if getattr(config.get_text_config(decoder=True), CONFIG_KEY, None) is not None:
-        return make_cache(config, max_cache_len)
+        return make_cache(config, max_cache_len, grow)
     return DynamicCache(config=config)
 
 

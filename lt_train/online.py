@@ -21,8 +21,10 @@ class OnlineHybridCache(HybridCache):
     `num_full + 1` full caches are alive at any time. Decoding then streams in the chosen layers."""
 
     def __init__(self, config, num_lazy: int | float, sink_tokens: int = 4, window: int = 1020,
-                 last_queries: int = 64, max_cache_len: int | None = None, criterion: str = "ratio"):
-        super().__init__(config, lazy_layers=[], sink_tokens=sink_tokens, window=window, max_cache_len=max_cache_len)
+                 last_queries: int = 64, max_cache_len: int | None = None, criterion: str = "ratio",
+                 grow: bool = False):
+        super().__init__(config, lazy_layers=[], sink_tokens=sink_tokens, window=window, max_cache_len=max_cache_len,
+                         grow=grow)
         self.num_layers = len(self.layers)
         self.num_full = self.num_layers - resolve_num_lazy(num_lazy, self.num_layers)
         self.sink, self.window, self.last_queries = sink_tokens, window, last_queries

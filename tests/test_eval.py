@@ -230,8 +230,9 @@ def test_kv_bytes_of_a_full_model_match_the_cache_size_formula():
 
 def test_kv_memory_follows_the_tokens_generated_not_max_new_tokens(monkeypatch):
     """A row that ends early holds no memory for tokens it never generates: the hybrid's peak KV bytes are the
-    same with max_new_tokens 8 and 400 when the row stops at its fourth token (a buffer sized to prompt +
-    max_new_tokens made a hybrid's peak larger than the full model's on long-output runs)."""
+    same with max_new_tokens 400 and 1000 when the row stops at its fourth token (buffers grow by at most
+    FullLayer.MIN_GROW = 256 tokens, capped by prompt + max_new_tokens: 8 holds less). A buffer sized to prompt +
+    max_new_tokens made a hybrid's peak larger than the full model's on long-output runs."""
     from lt_train.eval import sampling
 
     model, tok, prompts = _tiny_generator("llama", True, [1, 3])
@@ -239,9 +240,9 @@ def test_kv_memory_follows_the_tokens_generated_not_max_new_tokens(monkeypatch):
     ids = tok(first.texts[0], add_special_tokens=False).input_ids
     stop = next(t for i, t in enumerate(ids) if i >= 3 and t not in ids[:i])
     monkeypatch.setattr(sampling, "eos_ids", lambda *a: [stop])
-    short, long = (generate_batch(model, tok, prompts[:1], _greedy(n, 1), seeds=[0]) for n in (8, 400))
-    assert short.tokens == long.tokens and long.finished == [True] and long.tokens[0] < 8
-    assert long.kv_bytes == short.kv_bytes
+    short, long, longer = (generate_batch(model, tok, prompts[:1], _greedy(n, 1), seeds=[0]) for n in (8, 400, 1000))
+    assert short.tokens == long.tokens == longer.tokens and longer.finished == [True] and long.tokens[0] < 8
+    assert longer.kv_bytes == long.kv_bytes and short.kv_bytes < long.kv_bytes
 
 
 def test_a_sample_depends_on_its_seed_not_on_its_batch_mates():

@@ -136,10 +136,10 @@ def generate_batch(model, tokenizer, prompts: list[str], gs: GenSettings, seeds:
     B = len(prompts)
     out_tokens: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B
-    # not sized to prompt + max_new_tokens: the rows of a reasoning batch end at very different lengths, and a
-    # buffer for tokens most rows never generate made the hybrid's peak KV larger than the full model's
-    # DynamicCache (433 vs 388 MiB, GSM8K x8 at up to 2048 tokens); full layers grow by an eighth at a time
-    cache = new_cache(model)
+    # prompt + max_new_tokens only bounds the full layers' buffers (grow=True): the rows of a reasoning batch end at
+    # very different lengths, and buffers sized to it for tokens most rows never generate made the hybrid's peak
+    # KV larger than the full model's DynamicCache (433 vs 388 MiB, GSM8K x8 at up to 2048 tokens)
+    cache = new_cache(model, max_cache_len=enc.input_ids.shape[1] + gs.max_new_tokens, grow=True)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
