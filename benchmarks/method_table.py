@@ -1,6 +1,6 @@
 """The paper's table in miniature: full vs hybrid, before and after LightTransfer-Train, on SmolLM2-135M.
 
-    python benchmarks/method_table.py [--out outputs/method_table --steps 20 --problems 32 --window 128]
+    python benchmarks/method_table.py [--out outputs/method_table --steps 20 --problems 24 --window 128]
 
 Two measures per row:
 - accuracy (± standard error over problems) on held-out problems of the embedded long-range task
@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--train-samples", type=int, default=64)
     ap.add_argument("--lora-lr", type=float, default=5e-4)
     ap.add_argument("--full-lr", type=float, default=5e-5)
-    ap.add_argument("--problems", type=int, default=32)
+    ap.add_argument("--problems", type=int, default=24)
     ap.add_argument("--fine-tunes", default="full_lora,hybrid_lora,hybrid_full,hybrid_lora_s0",
                     help="which fine-tunes to run (their rows are left out otherwise)")
     ap.add_argument("--select-samples", type=int, default=4)

@@ -139,25 +139,26 @@ def online_rows(model, heldout, args, fixed=()) -> list[tuple[str, float, float]
 
     half = args.length // 2
     full = statistics.mean(continuation_nll(model, t, half, DynamicCache(config=model.config))[0] for t in heldout)
+
+    def as_hybrid(cfg):  # (NLL, layers) per held-out text, the model converted with cfg for the while
+        convert_to_hybrid(model, cfg)
+        try:
+            return [continuation_nll(model, t, half, make_cache(model.config)) for t in heldout]
+        finally:
+            revert_hybrid(model)
+
     out = []
     for criterion in ("ratio", "error"):
-        convert_to_hybrid(model, HybridConfig([], args.sink, args.window, online_num_lazy=args.fraction,
-                                              last_queries=args.last_queries, online_criterion=criterion))
         t0 = time.perf_counter()
-        res = [continuation_nll(model, t, half, make_cache(model.config)) for t in heldout]
-        took = time.perf_counter() - t0
-        revert_hybrid(model)
-        out.append((criterion, statistics.mean(r[0] for r in res) - full, took))
-        print(f"online {criterion:>6}: dNLL {out[-1][1]:+.4f} ({took:.0f}s; layers of the first text {res[0][1]})",
-              flush=True)
+        res = as_hybrid(HybridConfig([], args.sink, args.window, online_num_lazy=args.fraction,
+                                     last_queries=args.last_queries, online_criterion=criterion))
+        out.append((criterion, statistics.mean(r[0] for r in res) - full, time.perf_counter() - t0))
+        print(f"online {criterion:>6}: dNLL {out[-1][1]:+.4f} ({out[-1][2]:.0f}s; layers of the first text "
+              f"{res[0][1]})", flush=True)
     for name, lists in fixed:
         t0 = time.perf_counter()
-        ds = []
-        for layers in lists:
-            convert_to_hybrid(model, HybridConfig(layers, args.sink, args.window))
-            ds.append(statistics.mean(continuation_nll(model, t, half, make_cache(model.config))[0]
-                                      for t in heldout) - full)
-            revert_hybrid(model)
+        ds = [statistics.mean(r[0] for r in as_hybrid(HybridConfig(layers, args.sink, args.window))) - full
+              for layers in lists]
         out.append((name, statistics.mean(ds), time.perf_counter() - t0))
         print(f"{name}: dNLL {out[-1][1]:+.4f}", flush=True)
     return out

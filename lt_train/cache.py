@@ -112,10 +112,10 @@ class FullLayer(_CountedLayer):
             return
         new = tokens if cap == 0 else max(tokens, cap + max(self.MIN_GROW, cap // 8))
         if self.max_cache_len is not None and tokens <= self.max_cache_len:
-            if self.grow:  # the length is only an upper bound: grow with the tokens, never past it
-                new = max(tokens, min(new, self.max_cache_len))
-            else:
-                new = max(tokens, min(new, self.max_cache_len)) if cap else self.max_cache_len
+            # sized: the first reserve takes the whole length; grow (the length is only an upper bound) or a
+            # later reserve: grow with the tokens, never past it
+            sized = cap == 0 and not self.grow
+            new = self.max_cache_len if sized else max(tokens, min(new, self.max_cache_len))
         k = self._k.new_empty(*self._k.shape[:2], new, self._k.shape[3])
         v = self._v.new_empty(*self._v.shape[:2], new, self._v.shape[3])
         k[:, :, : self.seen] = self._k[:, :, : self.seen]

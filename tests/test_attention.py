@@ -47,7 +47,9 @@ CASES = [  # (B, T, sink, window, left pads per row)
     (2, 280, 128, 96, [0, 0]),  # S > W without padding (causal head + streaming tail)
     (1, 260, 3, 1, [0]),  # window of one without padding
     (1, 700, 4, 100, [0]),  # a tail of 600 queries: three 256-query blocks, the last one partial
-    (1, 101, 4, 100, [0]),  # a tail of one query
+    (1, 101, 4, 100, [0]),  # W < T < W + S: every query sees every earlier key (plain causal)
+    (1, 105, 4, 100, [0]),  # a tail of one query (the causal head is W + S queries)
+    (2, 1100, 4, 100, [0, 0]),  # a tail of four blocks sharing one broadcast mask
 ]
 
 

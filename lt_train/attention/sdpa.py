@@ -97,7 +97,7 @@ def _blocked_sdpa(q, k, v, blocks, mask_fn, scale, block: int, head: int = 0) ->
     `head`, the first `head` queries attend causally to the first `head` keys (the fused causal kernel) and the
     blocks cover the queries after them.
     `blocks(x)` turns k or v [B, Hkv, T, D] into the keys of each block [B, n, Hkv, K, D]; `mask_fn()` gives
-    the additive mask [B*n, 1, block, K] (called again in backward rather than kept).
+    the additive mask [B*n | 1, 1, block, K] (called again in backward rather than kept).
 
     With gradients the blocked keys and values are not kept for backward ((S + block + W - 1) / block times
     the size of k and v each, where a dense fused kernel keeps only its inputs and output): on CPU the fused
@@ -215,9 +215,9 @@ def _chunks(T: int, block: int, keys_per_block: int, kv_len: int):
 
 
 def _mask_rows(mask: torch.Tensor, B: int, sl: slice) -> torch.Tensor:
-    """The rows of the folded mask [B * n, 1, block, K] that belong to the query blocks `sl` of every batch row."""
+    """The rows of the folded mask [B * n | 1, 1, block, K] that belong to the query blocks `sl` of every batch row."""
     n = mask.shape[0] // B
-    if sl == slice(0, n):
+    if mask.shape[0] == 1 or sl == slice(0, n):  # one mask broadcast over every block, or all blocks
         return mask
     return mask.view(B, n, *mask.shape[1:])[:, sl].reshape(-1, *mask.shape[1:])
 
@@ -238,43 +238,45 @@ def chunked_streaming_sdpa(
     T = q.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if pad is None and offset is None:
-        if window >= T:  # the window covers every key: plain causal attention
+        if window + sink >= T:  # every query sees every earlier key: plain causal attention
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-        # Queries before W see every earlier key: the fused causal kernel does them (it skips the masked half
-        # of its tiles, where the blocked path would compute sink + window keys for each); the rest stream.
+        # Queries before W + S see every earlier key: the fused causal kernel does them (it skips the masked
+        # half of its tiles, where the blocked path would compute sink + window keys for each); the rest stream.
         return _head_and_tail(q, k, v, sink, window, scale, block)
     return _chunked(q, k, v, sink, window, scale, pad, offset, block)
 
 
 def _head_and_tail(q, k, v, sink: int, window: int, scale, block: int) -> torch.Tensor:
-    """Streaming attention for rows without padding: queries before W by the fused causal kernel (the head),
-    the others by the blocked computation of `_chunked` with query blocks starting at W (the tail). Query
-    W + i (local i) sees window keys i + 1 .. W + i and the sinks s with i >= s (a sink inside the window
-    counts there once)."""
+    """Streaming attention for rows without padding: the first W + S queries (each sees every earlier key:
+    query W + i's window reaches back to key i + 1, the sinks cover 0 .. S - 1) by the fused causal kernel (the
+    head), the others by blocked SDPA with query blocks starting at W + S (the tail). A tail query's window
+    starts after the sinks, so it sees all S sinks and a band of W keys: the same mask for every block, kept
+    once ([1, 1, block, S + block + W - 1], broadcast over the blocks) rather than once per block."""
     B, Hq, T, D = q.shape
     Hkv, W = k.shape[1], window
-    Tq = T - W
-    block = _balanced(Tq, block)
-    nblk = (Tq + block - 1) // block
-    key = ("tail", B, T, sink, W, block, q.device, q.dtype)
+    head = W + sink
+    block = _balanced(T - head, block)
+    nblk = (T - head + block - 1) // block
+    key = ("tail", sink, W, block, q.device, q.dtype)
     if key not in _MASK_CACHE:
         if len(_MASK_CACHE) > 32:
             _MASK_CACHE.clear()
-        qi, kj = _block_index_grids(Tq, W, block, q.device)  # local query i, key W + kj (kj may be negative)
-        i, j = qi[:, None, :, None], kj[:, None, None, :]
-        mask = (j <= i) & (i - j < W)  # never empty, so the padded tail of the last block stays finite
-        if sink:
-            s = torch.arange(sink, device=q.device)
-            mask = torch.cat([(i >= s).expand(nblk, 1, block, sink), mask], dim=-1)
-        _MASK_CACHE[key] = _additive(mask, q.dtype).expand(B, -1, -1, -1, -1).reshape(B * nblk, 1, block, -1)
+        # block b: query i is token head + b * block + i, window key c is token sink + 1 + b * block + c, so
+        # the key is in the query's window (W tokens ending at the query) iff i <= c <= i + W - 1; never empty,
+        # so the padded tail of the last block stays finite
+        i = torch.arange(block, device=q.device)[:, None]
+        c = torch.arange(block + W - 1, device=q.device)[None, :]
+        band = (c >= i) & (c <= i + W - 1)
+        mask = torch.cat([torch.ones(block, sink, dtype=torch.bool, device=q.device), band], dim=-1)
+        _MASK_CACHE[key] = _additive(mask, q.dtype)[None, None]
     mask = _MASK_CACHE[key]
 
-    def blocks(x, sl=slice(None)):  # block b's window keys are W + kj, kj from b * block - (W - 1): from b * block + 1
-        xb = _window_blocks(x[:, :, 1:], W, block, nblk * block, front=0)[:, sl]
+    def blocks(x, sl=slice(None)):  # block b's window keys: from sink + 1 + b * block, block + W - 1 of them
+        xb = _window_blocks(x[:, :, sink + 1:], W, block, nblk * block, front=0)[:, sl]
         if not sink:
             return xb
         return torch.cat([x[:, :, :sink].unsqueeze(1).expand(B, xb.shape[1], Hkv, sink, D), xb], dim=3)
-    return _blocked_sdpa(q, k, v, blocks, lambda: mask, scale, block, head=W)
+    return _blocked_sdpa(q, k, v, blocks, lambda: mask, scale, block, head=head)
 
 
 def _chunked(q, k, v, sink: int, window: int, scale, pad, offset, block: int) -> torch.Tensor:
