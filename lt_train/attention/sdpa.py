@@ -188,18 +188,25 @@ class _BlockedFlashCPU(torch.autograd.Function):
             dq[:, :, :h], dk[:, :, :h], dv[:, :, :h] = _FLASH_CPU_BACKWARD(
                 grad_out[:, :, :h].contiguous(), q[:, :, :h], k[:, :, :h], v[:, :, :h], out[:, :, :h],
                 lse[:, :, :h].contiguous(), 0.0, True, scale=ctx.scale)
-        k_, v_ = k.detach().requires_grad_(), v.detach().requires_grad_()
+        # the blocked key/value gradients go back to dk, dv by the layout's own scatter where it has one (adds
+        # in place), else through autograd (which builds a k-sized gradient per chunk before the sum)
+        scatter = getattr(blocks, "scatter", None)
+        k_, v_ = (k, v) if scatter else (k.detach().requires_grad_(), v.detach().requires_grad_())
         for sl, t0, t1 in _chunks(T - h, block, ctx.keys_per_block, k.shape[2]):
-            with torch.enable_grad():
+            with torch.set_grad_enabled(scatter is None):
                 kb, vb = _fold(blocks(k_, sl)), _fold(blocks(v_, sl))
             dqb, dkb, dvb = _FLASH_CPU_BACKWARD(
                 _to_blocks(grad_out[:, :, h + t0:h + t1], block), _to_blocks(q[:, :, h + t0:h + t1], block),
                 kb.detach(), vb.detach(), _to_blocks(out[:, :, h + t0:h + t1], block),
                 _to_blocks(lse[:, :, h + t0:h + t1].unsqueeze(-1), block).squeeze(-1), 0.0, False,
                 attn_mask=_mask_rows(mask, B, sl), scale=ctx.scale)
-            gk, gv = torch.autograd.grad([kb, vb], [k_, v_], [dkb, dvb])
-            dk += gk
-            dv += gv
+            if scatter:
+                scatter(dk, dkb, sl)
+                scatter(dv, dvb, sl)
+            else:
+                gk, gv = torch.autograd.grad([kb, vb], [k_, v_], [dkb, dvb])
+                dk += gk
+                dv += gv
             dq[:, :, h + t0:h + t1] = _from_blocks(dqb, B, t1 - t0)
         return dq, dk, dv, None, None, None, None, None
 
@@ -276,6 +283,16 @@ def _head_and_tail(q, k, v, sink: int, window: int, scale, block: int) -> torch.
         if not sink:
             return xb
         return torch.cat([x[:, :, :sink].unsqueeze(1).expand(B, xb.shape[1], Hkv, sink, D), xb], dim=3)
+
+    def scatter(dx, dxb, sl):  # the backward of blocks(x, sl): dxb [B * n, Hkv, K, D] summed into dx in place
+        dxb = dxb.view(B, -1, *dxb.shape[1:])
+        if sink:
+            dx[:, :, :sink] += dxb[:, :, :, :sink].sum(1)
+        for b in range(dxb.shape[1]):  # a few blocks per call
+            lo = sink + 1 + (sl.start + b) * block
+            hi = min(T, lo + block + W - 1)
+            dx[:, :, lo:hi] += dxb[:, b, :, sink : sink + hi - lo]
+    blocks.scatter = scatter
     return _blocked_sdpa(q, k, v, blocks, lambda: mask, scale, block, head=head)
 
 
