@@ -1,6 +1,7 @@
 """The training job on one process: learning, exact resume, export, tracking, and config errors."""
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -386,6 +387,22 @@ def test_an_absurd_learning_rate_stops_after_max_bad_steps_without_an_export(tmp
     assert "Last good checkpoint:" in proc.stderr and not (tmp_path / "model").exists()
 
 
+def test_a_run_that_fails_leaves_the_signal_handlers_it_found(tmp_path):
+    from lt_train.train.preemption import SIGNALS
+
+    def mine(signum, frame):  # a handler of the program that calls the trainer
+        pass
+    before = {sig: signal.signal(sig, mine) for sig in SIGNALS}
+    try:
+        with pytest.raises(RuntimeError, match="2 steps in a row"):
+            _in_process_run(tmp_path / "run", ["train=full", "train.lr=1e12", "train.max_steps=4",
+                                               "validation.enabled=false", "train.max_bad_steps=2"], tmp_path / "c")
+        assert all(signal.getsignal(sig) is mine for sig in SIGNALS)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 class _Killed(BaseException):
     """A kill: not an Exception, so no `except Exception` in the trainer or DeepSpeed turns it into a clean exit."""
 
@@ -463,7 +480,6 @@ def test_a_kill_at_any_operation_of_a_save_leaves_a_loadable_latest_and_resumes_
     """A save (keep_checkpoints=2, so the save of step 3 also deletes step 1) is killed at each of its file-system
     operations in turn, on the same process: `latest` still names a complete checkpoint that loads, and the resumed
     run logs the losses of the uninterrupted one."""
-    import signal
 
     from safetensors.torch import load_file
 
@@ -487,8 +503,8 @@ def test_a_kill_at_any_operation_of_a_save_leaves_a_loadable_latest_and_resumes_
         with pytest.raises(_Killed):
             _in_process_run(run, args, tmp_path / "cache")
         monkeypatch.undo()
-        for sig, handler in handlers.items():  # a killed process leaves no handlers behind; this one would
-            signal.signal(sig, handler)
+        # the trainer puts the handlers it replaced back however its loop ends, a kill included
+        assert {sig: signal.getsignal(sig) for sig in SIGNALS} == handlers
         root = str(run / "checkpoints")
         last = ckpt.latest(root)
         assert last is not None and os.path.basename(last) in ("step_0000002", "step_0000003"), (target, ops[target])

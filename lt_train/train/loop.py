@@ -332,84 +332,86 @@ def train(cfg) -> dict:
 
     bar = tqdm(total=max_steps, initial=start, desc="train", disable=rank != 0)
     t_start = time.perf_counter()
-    for step in range(start, max_steps):
-        t0 = time.perf_counter()
-        lr = sched.get_last_lr()[0]  # the rate this step's update uses (the engine steps the schedule after it)
-        mine = [rows[step * per_step + rank * grad_accum + m] for m in range(grad_accum)]
-        batches = [collate_packed([[train_enc[i] for i in row]], tok.pad_token_id, n_sp) for row in mine]
-        local_tokens = sum(b.num_target_tokens for b in batches)
-        n_global = all_reduce_sum(local_tokens, dev)  # the loss is normalised by target tokens of the step
-        loss_sum = 0.0
-        norm = None
-        # the step's loss: token losses of all ranks / target tokens of the step, times what the engine divides
-        # the summed gradients by (see engine.py)
-        scale = engine.gradient_divisor / n_global
-        rows_in = [{"input_ids": b.input_ids, "labels": b.labels, "position_ids": b.position_ids} for b in batches]
-        micro = sequence_parallel.shard(sp, rows_in, dev) if sp else [
-            {k: v.to(dev) for k, v in r.items()} for r in rows_in]
-        for m, inputs in enumerate(micro):
-            # dropout masks drawn from a stream of this packed row alone: the same rows give the same losses on
-            # any number of processes (rank r's micro-step m is global row step * per_step + r * grad_accum + m);
-            # gradient checkpointing's recomputation replays them (it restores the RNG state it saw)
-            torch.manual_seed(row_seed(seed, step * per_step + rank * grad_accum + m if not sp else (step, rank, m)))
-            if zero3:  # DeepSpeed's tiled loss: the head's backward runs inside, already scaled
-                scaled = token_loss_sum(model, inputs, zero3_scale=scale, engine=engine)
-            else:
-                scaled = token_loss_sum(model, inputs, engine=engine) * scale
-            micro_loss = float(scaled.detach()) / scale  # host sync, once per micro-batch
-            if not math.isfinite(micro_loss) or (tr.get("nan_at_step") and step + 1 == int(tr.nan_at_step)):
-                # make the gradients non-finite too (a finite gradient of an infinite loss would still step): both
-                # engines then skip the optimizer step (DeepSpeed's overflow check, PlainEngine's norm check)
-                scaled, micro_loss = scaled * float("nan"), float("nan")
-            loss_sum += micro_loss
-            engine.backward(scaled)
-            norm = engine.step()
-            if tr.get("signal_at_step") and step + 1 == int(tr.signal_at_step) and rank == 0:
-                os.kill(os.getpid(), signal.SIGTERM)  # testing: preempted while this step is in flight
-        step_loss = all_reduce_sum(loss_sum, dev) / n_global
-        tokens = all_reduce_sum(sum(int(b.input_ids.numel()) for b in batches), dev)
-        dt = time.perf_counter() - t0
-        bad = not math.isfinite(step_loss) or (norm is not None and not math.isfinite(norm))
-        bad_streak, bad_total = (bad_streak + 1, bad_total + 1) if bad else (0, bad_total)
-        rec = {"step": step + 1, "loss": step_loss, "lr": lr,
-               "grad_norm": norm, "tokens_per_s": tokens / dt, "target_tokens": n_global, "memory_mb": _memory_mb(),
-               "skipped": bad, "skipped_total": bad_total}
-        if rank == 0:
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-            if run is not None:
-                run.log({f"train/{k}": v for k, v in rec.items() if v is not None and k != "step"}, step=step + 1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / dt:.0f}")
-            bar.update(1)
-        if bad:
-            _log(rank, f"step {step + 1}: non-finite loss ({step_loss}) or gradient norm ({norm}); optimizer step "
-                       f"skipped ({bad_streak} in a row, {bad_total} in all)")
-            if bad_streak >= int(tr.get("max_bad_steps", 3)):
-                last = ckpt.latest(ckpt_root)
-                raise RuntimeError(
-                    f"{bad_streak} steps in a row (the last: step {step + 1}, packed rows {mine} of rank {rank}) had a "
-                    f"non-finite loss or gradient norm; their updates were skipped, so the weights are those after "
-                    f"step {step + 1 - bad_streak}. Last good checkpoint: {last or 'none'}; no model exported. Lower "
-                    "train.lr, check those rows' data, or raise train.max_bad_steps")
-        state = {"step": step + 1, "rows_consumed": (step + 1) * per_step}
-        saved = None
-        if not bad and tr.save_every and (step + 1) % tr.save_every == 0 and step + 1 < max_steps:
-            saved = save_checkpoint(engine, ckpt_root, step + 1, state, keep) or "saved"
-        if preempt.agreed(dev):  # every rank, every step: a signal on any rank stops them all here
-            saved = saved or save_checkpoint(engine, ckpt_root, step + 1, state, keep)
-            _log(rank, f"preempted at step {step + 1}, checkpoint {ckpt.step_dir(ckpt_root, step + 1)}; rerun with "
-                       f"train.resume=auto to continue (exit code {PREEMPTED_EXIT})")
-            bar.close()
-            if run is not None:
-                run.finish(exit_code=PREEMPTED_EXIT)
-            sys.stdout.flush()
-            sys.exit(PREEMPTED_EXIT)
-        if tr.get("exit_after_step") and step + 1 == int(tr.exit_after_step):
-            _log(rank, f"exit_after_step={step + 1}: stopping abruptly (testing resume)")
-            sys.stdout.flush()
-            os._exit(3)
+    try:  # the handlers go back however the loop ends (preempted, a bad-steps error, a crash)
+        for step in range(start, max_steps):
+            t0 = time.perf_counter()
+            lr = sched.get_last_lr()[0]  # the rate this step's update uses (the engine steps the schedule after it)
+            mine = [rows[step * per_step + rank * grad_accum + m] for m in range(grad_accum)]
+            batches = [collate_packed([[train_enc[i] for i in row]], tok.pad_token_id, n_sp) for row in mine]
+            local_tokens = sum(b.num_target_tokens for b in batches)
+            n_global = all_reduce_sum(local_tokens, dev)  # the loss is normalised by target tokens of the step
+            loss_sum = 0.0
+            norm = None
+            # the step's loss: token losses of all ranks / target tokens of the step, times what the engine divides
+            # the summed gradients by (see engine.py)
+            scale = engine.gradient_divisor / n_global
+            rows_in = [{"input_ids": b.input_ids, "labels": b.labels, "position_ids": b.position_ids} for b in batches]
+            micro = sequence_parallel.shard(sp, rows_in, dev) if sp else [
+                {k: v.to(dev) for k, v in r.items()} for r in rows_in]
+            for m, inputs in enumerate(micro):
+                # dropout masks drawn from a stream of this packed row alone: the same rows give the same losses on
+                # any number of processes (rank r's micro-step m is global row step * per_step + r * grad_accum + m);
+                # gradient checkpointing's recomputation replays them (it restores the RNG state it saw)
+                torch.manual_seed(row_seed(seed, step * per_step + rank * grad_accum + m if not sp else (step, rank, m)))
+                if zero3:  # DeepSpeed's tiled loss: the head's backward runs inside, already scaled
+                    scaled = token_loss_sum(model, inputs, zero3_scale=scale, engine=engine)
+                else:
+                    scaled = token_loss_sum(model, inputs, engine=engine) * scale
+                micro_loss = float(scaled.detach()) / scale  # host sync, once per micro-batch
+                if not math.isfinite(micro_loss) or (tr.get("nan_at_step") and step + 1 == int(tr.nan_at_step)):
+                    # make the gradients non-finite too (a finite gradient of an infinite loss would still step): both
+                    # engines then skip the optimizer step (DeepSpeed's overflow check, PlainEngine's norm check)
+                    scaled, micro_loss = scaled * float("nan"), float("nan")
+                loss_sum += micro_loss
+                engine.backward(scaled)
+                norm = engine.step()
+                if tr.get("signal_at_step") and step + 1 == int(tr.signal_at_step) and rank == 0:
+                    os.kill(os.getpid(), signal.SIGTERM)  # testing: preempted while this step is in flight
+            step_loss = all_reduce_sum(loss_sum, dev) / n_global
+            tokens = all_reduce_sum(sum(int(b.input_ids.numel()) for b in batches), dev)
+            dt = time.perf_counter() - t0
+            bad = not math.isfinite(step_loss) or (norm is not None and not math.isfinite(norm))
+            bad_streak, bad_total = (bad_streak + 1, bad_total + 1) if bad else (0, bad_total)
+            rec = {"step": step + 1, "loss": step_loss, "lr": lr,
+                   "grad_norm": norm, "tokens_per_s": tokens / dt, "target_tokens": n_global, "memory_mb": _memory_mb(),
+                   "skipped": bad, "skipped_total": bad_total}
+            if rank == 0:
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if run is not None:
+                    run.log({f"train/{k}": v for k, v in rec.items() if v is not None and k != "step"}, step=step + 1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / dt:.0f}")
+                bar.update(1)
+            if bad:
+                _log(rank, f"step {step + 1}: non-finite loss ({step_loss}) or gradient norm ({norm}); optimizer step "
+                           f"skipped ({bad_streak} in a row, {bad_total} in all)")
+                if bad_streak >= int(tr.get("max_bad_steps", 3)):
+                    last = ckpt.latest(ckpt_root)
+                    raise RuntimeError(
+                        f"{bad_streak} steps in a row (the last: step {step + 1}, packed rows {mine} of rank {rank}) had a "
+                        f"non-finite loss or gradient norm; their updates were skipped, so the weights are those after "
+                        f"step {step + 1 - bad_streak}. Last good checkpoint: {last or 'none'}; no model exported. Lower "
+                        "train.lr, check those rows' data, or raise train.max_bad_steps")
+            state = {"step": step + 1, "rows_consumed": (step + 1) * per_step}
+            saved = None
+            if not bad and tr.save_every and (step + 1) % tr.save_every == 0 and step + 1 < max_steps:
+                saved = save_checkpoint(engine, ckpt_root, step + 1, state, keep) or "saved"
+            if preempt.agreed(dev):  # every rank, every step: a signal on any rank stops them all here
+                saved = saved or save_checkpoint(engine, ckpt_root, step + 1, state, keep)
+                _log(rank, f"preempted at step {step + 1}, checkpoint {ckpt.step_dir(ckpt_root, step + 1)}; rerun with "
+                           f"train.resume=auto to continue (exit code {PREEMPTED_EXIT})")
+                bar.close()
+                if run is not None:
+                    run.finish(exit_code=PREEMPTED_EXIT)
+                sys.stdout.flush()
+                sys.exit(PREEMPTED_EXIT)
+            if tr.get("exit_after_step") and step + 1 == int(tr.exit_after_step):
+                _log(rank, f"exit_after_step={step + 1}: stopping abruptly (testing resume)")
+                sys.stdout.flush()
+                os._exit(3)
+    finally:
+        preempt.restore()
     bar.close()
-    preempt.restore()
     _log(rank, f"trained {max_steps - start} steps in {time.perf_counter() - t_start:.0f}s")
 
     final = _export(cfg, engine, model, hc, out_dir, rank)
