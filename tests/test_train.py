@@ -480,7 +480,6 @@ def test_a_kill_at_any_operation_of_a_save_leaves_a_loadable_latest_and_resumes_
     """A save (keep_checkpoints=2, so the save of step 3 also deletes step 1) is killed at each of its file-system
     operations in turn, on the same process: `latest` still names a complete checkpoint that loads, and the resumed
     run logs the losses of the uninterrupted one."""
-
     from safetensors.torch import load_file
 
     from lt_train.train import checkpoint as ckpt

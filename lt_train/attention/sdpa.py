@@ -91,13 +91,14 @@ def _window_blocks(x: torch.Tensor, W: int, block: int, Tp: int, front: int | No
     return xp.unfold(2, block + W - 1, block).permute(0, 2, 1, 4, 3)
 
 
-def _blocked_sdpa(q, k, v, blocks, mask_fn, scale, block: int, head: int = 0) -> torch.Tensor:
+def _blocked_sdpa(q, k, v, blocks, mask_fn, scale, block: int, head: int = 0, scatter=None) -> torch.Tensor:
     """Streaming attention of the queries q [B, Hq, Tq, D] as one SDPA call over query blocks folded into the
     batch (4-D inputs reach the fused flash kernel; 5-D ones fall back to the slow math path on CPU). With
     `head`, the first `head` queries attend causally to the first `head` keys (the fused causal kernel) and the
     blocks cover the queries after them.
     `blocks(x)` turns k or v [B, Hkv, T, D] into the keys of each block [B, n, Hkv, K, D]; `mask_fn()` gives
-    the additive mask [B*n | 1, 1, block, K] (called again in backward rather than kept).
+    the additive mask [B*n | 1, 1, block, K] (called again in backward rather than kept). `scatter(dx, dxb, sl)`,
+    where a layout has one, is the backward of `blocks(x, sl)` summed into dx in place (used by the CPU backward).
 
     With gradients the blocked keys and values are not kept for backward ((S + block + W - 1) / block times
     the size of k and v each, where a dense fused kernel keeps only its inputs and output): on CPU the fused
@@ -106,7 +107,7 @@ def _blocked_sdpa(q, k, v, blocks, mask_fn, scale, block: int, head: int = 0) ->
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if grad and q.device.type == "cpu" and _FLASH_CPU_BACKWARD is not None:
         # one function for head and tail: one output and one dq, no concatenation or slice gradients
-        return _BlockedFlashCPU.apply(q, k, v, blocks, mask_fn, scale, block, head)
+        return _BlockedFlashCPU.apply(q, k, v, blocks, mask_fn, scale, block, head, scatter)
     qt = q[:, :, head:]
     if grad:
         tail = checkpoint(_folded_sdpa, qt, k, v, blocks, mask_fn, scale, block,
@@ -157,7 +158,7 @@ class _BlockedFlashCPU(torch.autograd.Function):
     size of k and v: the backward of a step's last layers runs at the step's memory peak."""
 
     @staticmethod
-    def forward(ctx, q, k, v, blocks, mask_fn, scale, block, head):
+    def forward(ctx, q, k, v, blocks, mask_fn, scale, block, head, scatter):
         B, T = q.shape[0], q.shape[2]
         mask = mask_fn()
         out = torch.empty_like(q)
@@ -176,6 +177,7 @@ class _BlockedFlashCPU(torch.autograd.Function):
             lse[:, :, head + t0:head + t1] = _from_blocks(m.unsqueeze(-1), B, t1 - t0).squeeze(-1)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.blocks, ctx.mask_fn, ctx.scale, ctx.block, ctx.head = blocks, mask_fn, scale, block, head
+        ctx.scatter = scatter
         return out
 
     @staticmethod
@@ -190,7 +192,7 @@ class _BlockedFlashCPU(torch.autograd.Function):
                 lse[:, :, :h].contiguous(), 0.0, True, scale=ctx.scale)
         # the blocked key/value gradients go back to dk, dv by the layout's own scatter where it has one (adds
         # in place), else through autograd (which builds a k-sized gradient per chunk before the sum)
-        scatter = getattr(blocks, "scatter", None)
+        scatter = ctx.scatter
         k_, v_ = (k, v) if scatter else (k.detach().requires_grad_(), v.detach().requires_grad_())
         for sl, t0, t1 in _chunks(T - h, block, ctx.keys_per_block, k.shape[2]):
             with torch.set_grad_enabled(scatter is None):
@@ -208,7 +210,7 @@ class _BlockedFlashCPU(torch.autograd.Function):
                 dk += gk
                 dv += gv
             dq[:, :, h + t0:h + t1] = _from_blocks(dqb, B, t1 - t0)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def _chunks(T: int, block: int, keys_per_block: int, kv_len: int):
@@ -292,8 +294,7 @@ def _head_and_tail(q, k, v, sink: int, window: int, scale, block: int) -> torch.
             lo = sink + 1 + (sl.start + b) * block
             hi = min(T, lo + block + W - 1)
             dx[:, :, lo:hi] += dxb[:, b, :, sink : sink + hi - lo]
-    blocks.scatter = scatter
-    return _blocked_sdpa(q, k, v, blocks, lambda: mask, scale, block, head=head)
+    return _blocked_sdpa(q, k, v, blocks, lambda: mask, scale, block, head=head, scatter=scatter)
 
 
 def _chunked(q, k, v, sink: int, window: int, scale, pad, offset, block: int) -> torch.Tensor:

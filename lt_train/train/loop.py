@@ -352,7 +352,8 @@ def train(cfg) -> dict:
                 # dropout masks drawn from a stream of this packed row alone: the same rows give the same losses on
                 # any number of processes (rank r's micro-step m is global row step * per_step + r * grad_accum + m);
                 # gradient checkpointing's recomputation replays them (it restores the RNG state it saw)
-                torch.manual_seed(row_seed(seed, step * per_step + rank * grad_accum + m if not sp else (step, rank, m)))
+                row = step * per_step + rank * grad_accum + m if not sp else (step, rank, m)
+                torch.manual_seed(row_seed(seed, row))
                 if zero3:  # DeepSpeed's tiled loss: the head's backward runs inside, already scaled
                     scaled = token_loss_sum(model, inputs, zero3_scale=scale, engine=engine)
                 else:
@@ -388,10 +389,10 @@ def train(cfg) -> dict:
                 if bad_streak >= int(tr.get("max_bad_steps", 3)):
                     last = ckpt.latest(ckpt_root)
                     raise RuntimeError(
-                        f"{bad_streak} steps in a row (the last: step {step + 1}, packed rows {mine} of rank {rank}) had a "
-                        f"non-finite loss or gradient norm; their updates were skipped, so the weights are those after "
-                        f"step {step + 1 - bad_streak}. Last good checkpoint: {last or 'none'}; no model exported. Lower "
-                        "train.lr, check those rows' data, or raise train.max_bad_steps")
+                        f"{bad_streak} steps in a row (the last: step {step + 1}, packed rows {mine} of rank {rank}) "
+                        f"had a non-finite loss or gradient norm; their updates were skipped, so the weights are those "
+                        f"after step {step + 1 - bad_streak}. Last good checkpoint: {last or 'none'}; no model "
+                        "exported. Lower train.lr, check those rows' data, or raise train.max_bad_steps")
             state = {"step": step + 1, "rows_consumed": (step + 1) * per_step}
             saved = None
             if not bad and tr.save_every and (step + 1) % tr.save_every == 0 and step + 1 < max_steps:
