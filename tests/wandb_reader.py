@@ -3,9 +3,22 @@
 Newer wandb releases ship no reader, so this follows the format: a 7-byte header (':W&B', magic 0xBEE1,
 version 0), then 32 KiB blocks of chunks, each with a 7-byte header (crc32, length, type: 1 full,
 2 first, 3 middle, 4 last)."""
+import glob
+import os
 import struct
 
 BLOCK = 32768
+
+
+def run_file(output_dir: str) -> str:
+    """The one offline run file under `output_dir`, complete. `run.finish()` returns before wandb's service has
+    written the run's last records (a file read at once can hold only its 7-byte header: seen in CI), so a run
+    made in this process is read after `wandb.teardown()`, which waits for the service to close its files."""
+    import wandb
+
+    wandb.teardown()
+    (path,) = glob.glob(os.path.join(output_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    return path
 
 
 def records(path: str):
