@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from conftest import SHARED_DATA
+from train_helpers import torchrun
 from hydra import compose, initialize_config_dir
 
 from lt_train.cli import expand_shortcuts
@@ -632,8 +633,7 @@ def test_hub_code_path_reads_local_copies_of_the_hub_layouts(tmp_path):
 def test_torchrun_processes_share_the_batches_and_match_one_process(tmp_path):
     args = TINY + ["eval.num_problems=5", "eval.batch_size=2"]
     ref = job.run(_cfg(args + [f"output_dir={tmp_path / 'one'}"]))["tiny"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           os.path.join(ROOT, "launch", "eval.py"), *args, f"output_dir={tmp_path / 'two'}"]
+    cmd = torchrun(2) + [os.path.join(ROOT, "launch", "eval.py"), *args, f"output_dir={tmp_path / 'two'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "two" / "tiny"

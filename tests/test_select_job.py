@@ -8,6 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from lt_train.select_job import run
+from train_helpers import torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "conf")
@@ -90,9 +91,8 @@ def test_selection_shared_over_two_processes_chooses_what_one_process_chooses(tm
     one = subprocess.run([sys.executable, script, *args, f"output_dir={tmp_path}/one"], capture_output=True,
                          text=True, cwd=ROOT, timeout=600, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                          "29631", script, *args, f"output_dir={tmp_path}/two"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=600, env=env)
+    two = subprocess.run(torchrun(2) + [script, *args, f"output_dir={tmp_path}/two"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=600, env=env)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
     a = json.loads((tmp_path / "one" / "lazy_layers.json").read_text())
     b = json.loads((tmp_path / "two" / "lazy_layers.json").read_text())

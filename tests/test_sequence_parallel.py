@@ -3,20 +3,18 @@ and clear errors for settings it cannot run."""
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from train_helpers import ROOT, learns_and_resumes_exactly, run_train
+from train_helpers import ROOT, learns_and_resumes_exactly, run_train, torchrun
 
 WORKER = os.path.join(ROOT, "tests", "sp_worker.py")
 
 
 def _torchrun(nproc: int, args: list[str], timeout: int = 900):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
-           str(29500 + (abs(hash(tuple(args))) % 1000)), WORKER] + args
+    cmd = torchrun(nproc) + [WORKER] + args
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -1,6 +1,7 @@
 """Running launch/train.py as a real command (single process or torchrun) on the tiny model."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -9,11 +10,19 @@ TINY = ["model=tiny", "data.num_samples=24", "data.max_length=1500", "train.pack
         "lazy.recent_tokens=64", "lazy.layers=[1,3]", "validation.heldout=2", "validation.accuracy_problems=0"]
 
 
+def torchrun(nproc: int) -> list[str]:
+    """`torchrun --nproc_per_node=N` on a port the system has just handed out as free (a fixed or hashed port can
+    meet another run's or service's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", str(port)]
+
+
 def run_train(out_dir, overrides=(), nproc=1, timeout=900, env=None):
     script = os.path.join(ROOT, "launch", "train.py")
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
-               str(29500 + (abs(hash(str(out_dir))) % 1000)), script]
+        cmd = torchrun(nproc) + [script]
     else:
         cmd = [sys.executable, script]
     cmd += TINY + list(overrides) + [f"output_dir={out_dir}", f"cache_dir={os.path.join(str(out_dir), 'cache')}"]
