@@ -614,13 +614,16 @@ def _suggestions(cfg, hw: Hardware) -> list[str]:
     if base.train.mode == "lora" and float(base.train.get("lora", {}).get("dropout", 0) or 0) > 0:
         # LoRA dropout keeps a dropped-out copy of every adapted projection's input for backward
         candidates.append(("train.lora.dropout=0", {"train.lora.dropout": 0.0}))
-    heads = arch_config(base.model).get_text_config(decoder=True)
+    from . import sequence_parallel
+
+    text_config = arch_config(base.model).get_text_config(decoder=True)
     for n in (2, 4, 8):
         n_sp = n * int(base.train.get("sequence_parallel", 1) or 1)
-        kv = heads.num_key_value_heads
-        if (stage and hw.world % n_sp == 0 and heads.num_attention_heads % n_sp == 0 and T % n_sp == 0
-                and (kv % n_sp == 0 or n_sp % kv == 0)):
-            candidates.append((f"train.sequence_parallel={n_sp}", {"train.sequence_parallel": n_sp}))
+        try:  # only a degree the trainer itself would accept (the same check refuses it there)
+            sequence_parallel.check(n_sp, hw.world, text_config, base.model.get("attn_implementation"), T, stage)
+        except ValueError:
+            continue
+        candidates.append((f"train.sequence_parallel={n_sp}", {"train.sequence_parallel": n_sp}))
     if base.train.mode == "full":
         candidates.append(("train=lora", {"train.mode": "lora", "train.lora": {
             "r": 16, "alpha": 32, "dropout": 0.05,

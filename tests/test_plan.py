@@ -178,6 +178,15 @@ def test_longest_sample_grows_with_sequence_parallelism_and_bad_n_is_named():
                     Hardware(gpus=6, gpu_memory_gb=80))
 
 
+def test_sequence_parallel_is_suggested_only_where_the_trainer_would_accept_it():
+    """Suggestions pass the trainer's own check: the test above has train.sequence_parallel=2 suggested for this
+    run on sdpa; on eager attention (Ulysses runs on sdpa / flash only) there is none, other suggestions remain."""
+    eager = plan_memory(_cfg(["+experiment=qwq_still", "train.pack_length=65536", "model.attn_implementation=eager"]),
+                        H100x8)
+    assert not eager.fits and eager.suggestions
+    assert not any("sequence_parallel" in s for s in eager.suggestions), eager.suggestions
+
+
 def test_tiled_mlp_leaves_only_the_mlp_input_in_the_recomputed_layer():
     plain = plan_memory(_cfg(["+experiment=qwq_still", "train.pack_length=32768"]), H100x8, suggest=False)
     tiled = plan_memory(_cfg(["+experiment=qwq_still", "train.pack_length=32768", "train.tiled_mlp=true"]), H100x8,
