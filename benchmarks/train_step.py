@@ -99,8 +99,8 @@ def main() -> None:
 
     if args.memory_only:
         for T in args.lengths:
-            print(f"T={T}: peak step memory full {peak_memory(args, False, T):.0f} MiB, "
-                  f"hybrid {peak_memory(args, True, T):.0f} MiB", flush=True)
+            print(f"T={T}: peak step memory full {peak_memory(args, False, T):.1f} MiB, "
+                  f"hybrid {peak_memory(args, True, T):.1f} MiB", flush=True)
         return
     # Memory first, while this process is small: a child's ru_maxrss starts from its parent's resident size
     # at the fork (Linux keeps the high-water mark across exec), which would hide the step's own peak.

@@ -259,26 +259,27 @@ def _head_and_tail(q, k, v, sink: int, window: int, scale, block: int) -> torch.
     """Streaming attention for rows without padding: the first W + S queries (each sees every earlier key:
     query W + i's window reaches back to key i + 1, the sinks cover 0 .. S - 1) by the fused causal kernel (the
     head), the others by blocked SDPA with query blocks starting at W + S (the tail). A tail query's window
-    starts after the sinks, so it sees all S sinks and a band of W keys: the same mask for every block, kept
-    once ([1, 1, block, S + block + W - 1], broadcast over the blocks) rather than once per block."""
+    starts after the sinks, so it sees all S sinks and a band of W keys: the same mask for every block, built
+    once per call ([1, 1, block, S + block + W - 1], broadcast over the blocks) rather than once per block."""
     B, Hq, T, D = q.shape
     Hkv, W = k.shape[1], window
     head = W + sink
     block = _balanced(T - head, block)
     nblk = (T - head + block - 1) // block
-    key = ("tail", sink, W, block, q.device, q.dtype)
-    if key not in _MASK_CACHE:
-        if len(_MASK_CACHE) > 32:
-            _MASK_CACHE.clear()
-        # block b: query i is token head + b * block + i, window key c is token sink + 1 + b * block + c, so
+
+    device, dtype = q.device, q.dtype
+
+    def tail_mask():  # built per call, not cached: a kept mask would sit in memory at the step's peak, where
+        # dense causal attention keeps none (forward and backward each build it, [1, 1, block, K]: 1.25 MiB
+        # at block 256, S 4, W 1020 in float32; the build is a small fraction of the call).
+        # Block b: query i is token head + b * block + i, window key c is token sink + 1 + b * block + c, so
         # the key is in the query's window (W tokens ending at the query) iff i <= c <= i + W - 1; never empty,
         # so the padded tail of the last block stays finite
-        i = torch.arange(block, device=q.device)[:, None]
-        c = torch.arange(block + W - 1, device=q.device)[None, :]
+        i = torch.arange(block, device=device)[:, None]
+        c = torch.arange(block + W - 1, device=device)[None, :]
         band = (c >= i) & (c <= i + W - 1)
-        mask = torch.cat([torch.ones(block, sink, dtype=torch.bool, device=q.device), band], dim=-1)
-        _MASK_CACHE[key] = _additive(mask, q.dtype)[None, None]
-    mask = _MASK_CACHE[key]
+        mask = torch.cat([torch.ones(block, sink, dtype=torch.bool, device=device), band], dim=-1)
+        return _additive(mask, dtype)[None, None]
 
     def blocks(x, sl=slice(None)):  # block b's window keys: from sink + 1 + b * block, block + W - 1 of them
         xb = _window_blocks(x[:, :, sink + 1:], W, block, nblk * block, front=0)[:, sl]
@@ -294,7 +295,7 @@ def _head_and_tail(q, k, v, sink: int, window: int, scale, block: int) -> torch.
             lo = sink + 1 + (sl.start + b) * block
             hi = min(T, lo + block + W - 1)
             dx[:, :, lo:hi] += dxb[:, b, :, sink : sink + hi - lo]
-    return _blocked_sdpa(q, k, v, blocks, lambda: mask, scale, block, head=head, scatter=scatter)
+    return _blocked_sdpa(q, k, v, blocks, tail_mask, scale, block, head=head, scatter=scatter)
 
 
 def _chunked(q, k, v, sink: int, window: int, scale, pad, offset, block: int) -> torch.Tensor:
