@@ -3,22 +3,49 @@ a barrier and a sum that are no-ops in a single process, and process-group start
 driven by DeepSpeed."""
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
+
+# How long a rank waits at a collective (a barrier, a gather) for the others before the run fails. Generous by
+# default: a rank may be generating a 32k-token answer of a 32B model while the others wait for it
+# (torch's own default, 10 minutes for NCCL, is not). Set per job with `distributed.timeout_minutes`.
+DEFAULT_TIMEOUT_MINUTES = 120
 
 
 def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init_if_needed() -> None:
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def set_device() -> None:
+    """Bind this process to its GPU (torchrun's LOCAL_RANK) before anything touches CUDA: a collective or a
+    `torch.cuda.current_device()` before it would use cuda:0 on every rank of the node."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+
+
+def timeout_of(cfg) -> datetime.timedelta:
+    """The collective timeout of a job config's `distributed.timeout_minutes` (the default when unset)."""
+    d = cfg.get("distributed") if cfg is not None else None
+    minutes = (d or {}).get("timeout_minutes")
+    minutes = DEFAULT_TIMEOUT_MINUTES if minutes is None else minutes
+    if float(minutes) <= 0:
+        raise ValueError(f"distributed.timeout_minutes must be > 0, got {minutes}")
+    return datetime.timedelta(minutes=float(minutes))
+
+
+def init_if_needed(timeout: datetime.timedelta | None = None) -> None:
     """Join torchrun's process group (NCCL on GPU, gloo on CPU) when launched with more than one process."""
+    set_device()
     if world()[1] > 1 and dist.is_available() and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=timeout or datetime.timedelta(minutes=DEFAULT_TIMEOUT_MINUTES))
 
 
 def all_reduce_sum(x: float, device) -> float:
@@ -47,7 +74,7 @@ def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
     itself when there is no group. Travels as float64 on the backend's device (gloo: CPU, NCCL: GPU)."""
     if group()[1] == 1:
         return t
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    dev = torch.device("cuda", local_rank()) if dist.get_backend() == "nccl" else torch.device("cpu")
     buf = t.detach().to(dev, torch.float64)
     dist.all_reduce(buf)
     return buf.to(t.device, t.dtype)

@@ -429,7 +429,7 @@ def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> 
     # streaming layers and their backend as the trainer will run them
     from .lazy_ratio import resolve_num_lazy
 
-    explicit = lz.get("layers")
+    explicit = lz.get("layers") if lz.get("layers") is not None else lz.get("file_layers")  # file: validate()
     n_lazy = len(explicit) if explicit is not None else resolve_num_lazy(lz.get("num_lazy", 0.5), L)
     backend = lz.get("backend", "auto") or "auto"
     if backend == "auto":

@@ -8,7 +8,7 @@ import time
 import torch
 
 from .data import encode_example, load_examples
-from .distributed import group, init_if_needed
+from .distributed import group, init_if_needed, timeout_of
 from .io import atomic_write_json, pyplot, save_figure
 from .lazy import select_with_stats
 from .models import load_from_config
@@ -69,7 +69,7 @@ def run(cfg) -> dict:
 
     lz = cfg.lazy
     out_dir = cfg.output_dir
-    init_if_needed()  # under torchrun the measurements are shared out over the processes
+    init_if_needed(timeout_of(cfg))  # under torchrun the measurements are shared out over the processes
     rank, world_size = group()
     os.makedirs(out_dir, exist_ok=True)
     model, tok = load_from_config(cfg.model)

@@ -115,18 +115,23 @@ def shard(sp: SPGroup, rows: list[dict], device) -> list[dict]:
     return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in adapter]
 
 
-def tile_mlps(model, tile_tokens: int | None = None) -> int:
+def tile_mlps(model, tile_tokens: int | None = None, length: int | None = None) -> int:
     """Run every decoder layer's MLP through DeepSpeed's `TiledMLP` (ALST): the intermediate activations
     (3 x intermediate_size per token, the largest part of a recomputed layer) exist for one tile of tokens at a
     time, in forward and in backward, which recomputes each tile's MLP. Tiles of `tile_tokens` (default: the
-    hidden size, DeepSpeed's choice); the tile count is agreed over all ranks (ZeRO-3 gathers the weights once
-    per tile, a collective). Returns the number of MLPs tiled."""
+    hidden size, DeepSpeed's choice). Only training forwards with gradients are tiled; evaluation runs the plain
+    MLP.
+
+    Under ZeRO-3 every tile gathers the MLP's weights (a collective), so all ranks must make the same number of
+    tiles: pass `length` (the longest row a rank can hold) and every call pads its tokens to it, so the count
+    follows from the config alone. DeepSpeed's own example agrees the count with an all-reduce in every MLP call
+    instead: a collective and a host sync per layer per micro-step, and a hang when one rank runs the model alone.
+    Returns the number of MLPs tiled."""
     import math
     import types
 
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
-    from .distributed import group
     from .nll import decoder_of
 
     layers = decoder_of(model).layers
@@ -136,16 +141,20 @@ def tile_mlps(model, tile_tokens: int | None = None) -> int:
         return type(mlp).forward(mlp, x)
 
     def tiled_forward(mlp, x):
-        shards = max(1, math.ceil(x.shape[-2] / tile))
-        if group()[1] > 1 and x.device.type != "meta":
-            import torch.distributed as dist
-
-            n = torch.tensor([shards], device=x.device if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(n, op=dist.ReduceOp.MAX)
-            shards = int(n.item())
-        if shards == 1 or not torch.is_grad_enabled():
+        if not (mlp.training and torch.is_grad_enabled()):
             return plain(mlp, x)
-        return TiledMLP.apply(plain, mlp, x, shards, list(mlp.parameters()))
+        T = x.shape[-2]
+        if length is not None and T > length:
+            raise ValueError(f"a row of {T} tokens reached a tiled MLP padded to {length} (train.pack_length / "
+                             "train.sequence_parallel): rows must not exceed train.pack_length")
+        n = length or T
+        shards = max(1, math.ceil(n / tile))
+        shards = math.ceil(n / math.ceil(n / shards))  # what torch.chunk makes (TiledMLP counts on it)
+        if shards == 1:
+            return plain(mlp, x)
+        if n > T:  # the MLP is per token: zero rows are computed, then dropped (their gradient is zero)
+            x = torch.nn.functional.pad(x, (0, 0, 0, n - T))
+        return TiledMLP.apply(plain, mlp, x, shards, list(mlp.parameters()))[..., :T, :]
 
     for layer in layers:
         layer.mlp.forward = types.MethodType(tiled_forward, layer.mlp)

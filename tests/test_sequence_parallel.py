@@ -124,7 +124,9 @@ def _cfg(**train):
         "model": {"name": "tiny", "arch": "llama", "num_layers": 4, "attn_implementation": "sdpa"},
         "train": {**OmegaConf.to_container(OmegaConf.load(os.path.join(ROOT, "conf", "train", "full.yaml"))),
                   **base.train, "pack_length": 1600, "sequence_parallel": 2},
-        "deepspeed": {"stage": 2}, "lazy": {"layers": None, "from_file": None},
+        "deepspeed": {"stage": 2},
+        "lazy": {**OmegaConf.to_container(OmegaConf.load(os.path.join(ROOT, "conf", "lazy", "default.yaml"))),
+                 "layers": None, "from_file": None},
         "data": {"source": "demo"}})
     cfg.train.update(train)
     return cfg
@@ -196,10 +198,11 @@ def test_full_layers_document_mask_equals_transformers_and_is_shared_by_the_laye
     assert _packed_causal_mask(torch.arange(15)[None]) is None  # one document: plain causal (is_causal)
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_tiled_mlps_give_the_same_gradients(mode):
-    """DeepSpeed's TiledMLP on every layer (333 tokens in tiles of 50, the last one short): the same loss
-    gradient for every trainable parameter as the untiled model."""
+@pytest.mark.parametrize("mode,length", [("full", None), ("lora", None), ("full", 420), ("lora", 420)])
+def test_tiled_mlps_give_the_same_gradients(mode, length):
+    """DeepSpeed's TiledMLP on every layer (333 tokens in 7 tiles, the last one short; or padded to 420
+    tokens, as under ZeRO-3, in 9 tiles): the same loss gradient for every trainable parameter as the untiled
+    model, and the same output in evaluation."""
     import copy
 
     from lt_train.models import tiny_model
@@ -213,14 +216,34 @@ def test_tiled_mlps_give_the_same_gradients(mode):
         a = get_peft_model(a, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                          target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"]))
     b = copy.deepcopy(a)
-    assert tile_mlps(b, tile_tokens=50) == 4
+    assert tile_mlps(b, tile_tokens=50, length=length) == 4
     x = torch.randint(3, 128, (1, 333))
+    calls = []
+    mlp = decoder_of(b).layers[0].mlp
+    mlp.down_proj.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[-2]))
+    with torch.no_grad():
+        torch.testing.assert_close(decoder_of(b.eval())(input_ids=x).last_hidden_state,
+                                   decoder_of(a.eval())(input_ids=x).last_hidden_state)
+    assert calls == [333]  # evaluation: the plain MLP, one call
+    a.train(), b.train()
+    calls.clear()
     for m in (a, b):
         lm_head_loss_sum(m, decoder_of(m)(input_ids=x).last_hidden_state, x).backward()
+    assert calls == ([48] * 6 + [45] if length is None else [47] * 8 + [44]) * 2  # tiles of forward, its recompute
     pairs = [(p, q) for p, q in zip(b.parameters(), a.parameters()) if q.requires_grad]
     assert pairs and all(p.grad is not None for p, _ in pairs)
     for p, q in pairs:
         assert float((p.grad - q.grad).norm() / q.grad.norm()) < 1e-5
+
+
+def test_a_tiled_mlp_run_of_two_processes_evaluates_on_one_rank_and_ends(tmp_path):
+    """ZeRO-2, two processes, tiled MLPs, validation on: the evaluations that rank 0 runs alone (before and after
+    training, on the trained model whose MLPs are tiled) call no collective, so the run ends."""
+    proc = run_train(tmp_path, ["train=full", "train.max_steps=2", "train.save_every=0", "deepspeed=zero2",
+                                "train.tiled_mlp=true", "validation.accuracy_problems=2"], nproc=2, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "summary.json", encoding="utf-8") as f:
+        assert set(json.load(f)["results"]) == {"full, before", "hybrid, before", "hybrid, after", "full, after"}
 
 
 @pytest.mark.slow

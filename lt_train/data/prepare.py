@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from dataclasses import asdict, dataclass, field
 
 from ..io import atomic_write_json, pyplot, save_figure
@@ -107,13 +108,21 @@ def prepare(dcfg, tokenizer, tokenizer_name: str, cache_root: str, progress: boo
     ds = datasets.Dataset.from_dict({"input_ids": [e.input_ids.tolist() for e in encoded],
                                      "labels": [e.labels.tolist() for e in encoded],
                                      "truncated": [e.truncated for e in encoded]})
-    tmp = f"{path}.tmp-{os.getpid()}"
+    # one writer per node may build the same cache on a shared file system: each writes its own temporary folder
+    # (host and process in the name), the first to finish publishes it, a later one keeps the first's
+    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     ds.save_to_disk(tmp)
     atomic_write_json(os.path.join(tmp, "lt_stats.json"), asdict(stats))
     os.makedirs(cache_root, exist_ok=True)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)  # the cache appears complete or not at all
+    if not os.path.exists(stats_path):
+        shutil.rmtree(path, ignore_errors=True)  # an incomplete folder left by a crash
+    try:
+        os.replace(tmp, path)  # the cache appears complete or not at all
+    except OSError:
+        if not os.path.exists(stats_path):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another writer published the same cache first
     return datasets.load_from_disk(path), stats, path
 
 

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from ..distributed import barrier, init_if_needed, world
+from ..distributed import barrier, init_if_needed, timeout_of, world
 from ..hybrid import CONFIG_KEY, HybridConfig, convert_to_hybrid
 from ..lazy import read_selection
 from ..models import load_from_config
@@ -142,7 +142,7 @@ def run(cfg, conf_dir: str | None = None) -> dict:
     from omegaconf import OmegaConf
 
     ecfg = cfg.eval
-    init_if_needed()
+    init_if_needed(timeout_of(cfg))
     rank, world_size = world()
     if world_size > 1 and cfg.model.get("device_map"):
         raise ValueError("model.device_map spreads one model over the GPUs; under torchrun each process "

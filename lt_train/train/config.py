@@ -55,9 +55,10 @@ def validate(cfg, world_size: int) -> None:
                          "set train.gradient_checkpointing=false or use deepspeed=zero2")
     if tr.bf16 and stage == 0 and not torch.cuda.is_available():
         raise ValueError("train.bf16 without DeepSpeed runs only on GPU; on CPU use fp32 (bf16 is emulated, ~12x slower)")
-    if lz.get("from_file"):
-        if not os.path.isfile(lz.from_file):
-            raise FileNotFoundError(f"lazy.from_file={lz.from_file!r} does not exist")
+    _validate_lazy(cfg)
+    from ..distributed import timeout_of
+
+    timeout_of(cfg)
     if cfg.data.get("source") in ("jsonl", "json", "parquet") and not os.path.isfile(cfg.data.path):
         raise FileNotFoundError(f"data.path={cfg.data.path!r} does not exist")
     if cfg.model.name.startswith(("/", ".")) and not os.path.isdir(cfg.model.name):  # a local path
@@ -69,8 +70,67 @@ def validate(cfg, world_size: int) -> None:
         sequence_parallel.check(n_sp, world_size, text_config_of(cfg.model), cfg.model.get("attn_implementation"),
                                 int(tr.pack_length), stage)
     layers = lz.get("layers")
-    if layers is not None:
+    if layers is not None or lz.get("from_file") or lz.get("num_lazy") is not None:
         n = num_layers_of(cfg.model)
-        bad = [i for i in layers if not 0 <= int(i) < n]
-        if bad:
-            raise ValueError(f"lazy.layers {bad} out of range for a model with {n} layers (0..{n - 1})")
+    if layers is not None:
+        _in_range(layers, n, "lazy.layers")
+    elif lz.get("from_file"):
+        _in_range(lz.file_layers, n, f"the lazy layers of lazy.from_file={lz.from_file}")
+    else:
+        from ..lazy_ratio import resolve_num_lazy
+
+        try:
+            resolve_num_lazy(lz.num_lazy, n)
+        except ValueError as e:
+            raise ValueError(f"lazy.{e}") from None
+
+
+def _in_range(layers, n: int, what: str) -> None:
+    bad = [i for i in layers if not 0 <= int(i) < n]
+    if bad:
+        raise ValueError(f"{what} {bad} out of range for a model with {n} layers (0..{n - 1})")
+
+
+def _command_line_keys() -> set[str]:
+    """The config keys set on the command line of a Hydra job (empty outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task if "=" in o}
+
+
+def _validate_lazy(cfg) -> None:
+    """Every `lazy.*` value, before anything loads. With `lazy.from_file` the file's S and W replace the config's
+    (its layers were chosen for them; a command-line value that differs is refused) and its layers are kept in
+    `lazy.file_layers`, so that the plan, the selection, the training and the summary all see the same."""
+    from omegaconf import open_dict
+
+    from ..lazy import STRATEGIES, read_selection
+
+    lz = cfg.lazy
+    if lz.get("strategy") not in STRATEGIES:
+        raise ValueError(f"lazy.strategy={lz.get('strategy')!r} is not one of {STRATEGIES}")
+    for key, low in (("sink_tokens", 0), ("recent_tokens", 1), ("last_queries", 1), ("max_samples", 1),
+                     ("nll_samples", 1)):
+        v = lz.get(key)
+        if v is None and key == "max_samples":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"lazy.{key} must be an integer >= {low}, got {v!r}")
+    if lz.get("layers") is not None and lz.get("from_file"):
+        raise ValueError("set lazy.layers or lazy.from_file, not both")
+    if not lz.get("from_file"):
+        return
+    sel = read_selection(str(lz.from_file), "lazy.from_file")
+    given = _command_line_keys()
+    with open_dict(cfg):
+        for key in ("sink_tokens", "recent_tokens"):
+            if key not in sel:
+                continue
+            if f"lazy.{key}" in given and int(lz[key]) != int(sel[key]):
+                raise ValueError(f"lazy.{key}={lz[key]} on the command line, but lazy.from_file={lz.from_file} was "
+                                 f"selected with {key}={sel[key]}: its layers are lazy for that value. Drop "
+                                 f"lazy.{key}, or select again with it")
+            lz[key] = int(sel[key])
+        lz.file_layers = [int(i) for i in sel["lazy_layers"]]

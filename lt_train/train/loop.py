@@ -22,13 +22,13 @@ from ..data.format import EncodedExample
 from ..data.prepare import prepare
 from ..hybrid import HybridConfig, convert_to_hybrid, set_lazy_layers
 from ..io import atomic_write_json, atomic_write_text
-from ..lazy import read_selection, select_with_stats
-from ..models import load_from_config
+from ..lazy import select_with_stats
+from ..models import load_from_config, tokenizer_from_config
 from ..nll import decoder_of, lm_head_loss_sum, zero3_head_loss_sum
 from ..tracking import init_wandb
 from . import checkpoint as ckpt
 from .config import validate
-from ..distributed import all_reduce_sum, barrier, world
+from ..distributed import all_reduce_sum, barrier, local_rank, set_device, timeout_of, world
 from .engine import DeepSpeedEngine, PlainEngine, deepspeed_config, save_checkpoint
 from .evaluate import demo_accuracy, heldout_nll
 from .preemption import PREEMPTED_EXIT, Preemption
@@ -85,9 +85,9 @@ def _choose_lazy(cfg, model, train_encoded, out_dir, rank) -> list[int]:
     lz = cfg.lazy
     if lz.get("layers") is not None:
         return [int(i) for i in lz.layers]
-    if lz.get("from_file"):
-        layers = read_selection(lz.from_file, "lazy.from_file")["lazy_layers"]
-        _log(rank, f"lazy layers from {lz.from_file}: {layers}")
+    if lz.get("from_file"):  # read by validate(), which also took the file's S and W
+        layers = list(lz.file_layers)
+        _log(rank, f"lazy layers from {lz.from_file}: {layers} (S={lz.sink_tokens}, W={lz.recent_tokens})")
         return layers
     samples = [e.input_ids for e in train_encoded[: lz.get("max_samples") or len(train_encoded)]]
     sel = select_with_stats(model, samples, lz.num_lazy, lz.strategy, lz.sink_tokens, lz.recent_tokens,
@@ -227,7 +227,42 @@ def _bf16_weights(cfg, use_ds: bool, rank: int) -> None:
         cfg.model.dtype = "bfloat16"
 
 
+def _prepare_data(cfg, tok, rank: int):
+    """The tokenised examples, split into (train, held out). Local rank 0 of each node builds the tokenised cache
+    and the other processes of its node then load it: one build on one node, one per node on several, so
+    `cache_dir` may be node-local or shared (writes are atomic; a second writer keeps the first's cache)."""
+    if local_rank() != 0:
+        barrier()
+    ds, stats, _ = prepare(cfg.data, tok, cfg.model.name, cfg.cache_dir, progress=rank == 0)
+    if local_rank() == 0:
+        barrier()
+    encoded = [EncodedExample(torch.tensor(r["input_ids"]), torch.tensor(r["labels"])) for r in ds]
+    n_eval = int(cfg.validation.heldout)  # held out whether or not eval runs, so the training data never changes
+    if len(encoded) <= n_eval:
+        raise ValueError(f"{len(encoded)} examples cannot leave {n_eval} held out (validation.heldout)")
+    _log(rank, f"data: {stats.examples} examples ({len(encoded) - n_eval} train, {n_eval} held out), "
+               f"{stats.truncated} truncated, {stats.dropped_too_long} dropped")
+    return encoded[: len(encoded) - n_eval], encoded[len(encoded) - n_eval :]
+
+
+def schedule_rows(tr, lengths: list[int], seed: int, per_step: int) -> tuple[list[list[int]], int]:
+    """(the run's packed rows in order, optimizer steps). Refuses a run that would make no optimizer step."""
+    epochs = int(tr.epochs or 1)
+    rows = plan_rows(lengths, tr.pack_length, seed, epochs)
+    max_steps = int(tr.max_steps) if tr.max_steps else len(rows) // per_step
+    if max_steps < 1:
+        raise ValueError(
+            f"{len(lengths)} training examples pack into {len(rows)} rows of train.pack_length={tr.pack_length} "
+            f"tokens ({epochs} epoch(s)), fewer than one optimizer step takes ({per_step} rows: train.grad_accum or "
+            "train.global_batch over the processes): no step would train. Add data or train.epochs, lower the "
+            "step size, or set train.max_steps")
+    if max_steps * per_step > len(rows):  # more steps than one pass: keep cycling through more epochs
+        rows = plan_rows(lengths, tr.pack_length, seed, math.ceil(max_steps * per_step / len(rows)))
+    return rows, max_steps
+
+
 def train(cfg) -> dict:
+    set_device()  # before anything touches CUDA or a collective: each process on its own GPU
     rank, world_size = world()
     validate(cfg, world_size)
     out_dir = cfg.output_dir
@@ -238,7 +273,8 @@ def train(cfg) -> dict:
     if use_ds:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=timeout_of(cfg))
     elif world_size > 1:  # pragma: no cover - validate() refuses this
         raise RuntimeError("several processes need DeepSpeed")
     seed = int(cfg.train.seed)
@@ -250,28 +286,21 @@ def train(cfg) -> dict:
     n_sp = int(tr.get("sequence_parallel", 1))  # processes sharing each row (Ulysses)
     ds_config = deepspeed_config(cfg.deepspeed, tr, grad_accum, n_sp) if use_ds else None
     zero3 = use_ds and int(cfg.deepspeed.stage) == 3
+    per_step = grad_accum * world_size  # packed rows per optimizer step
+    # the data first: a run that cannot train is refused before any weights load
+    tok = tokenizer_from_config(cfg.model)
+    train_enc, heldout = _prepare_data(cfg, tok, rank)
+    rows, max_steps = schedule_rows(tr, [len(e.input_ids) for e in train_enc], seed, per_step)
     hf_ds = _partitioned_loading(ds_config) if zero3 else None  # alive until the engine exists (weakref in HF)
-    model, tok = load_from_config(cfg.model)  # under ZeRO-3: built inside zero.Init, each rank its partition
+    model, _ = load_from_config(cfg.model)  # under ZeRO-3: built inside zero.Init, each rank its partition
     if world_size > 1:
         local, whole = _parameter_storage(model)
         print(f"rank {rank}: holds {local / whole:.1%} of the model's {whole} parameter elements after loading",
               flush=True)
-    dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
     model.to(dev)
-    if rank != 0:
-        barrier()  # rank 0 builds the tokenised cache first; the others then load it
-    ds, stats, _ = prepare(cfg.data, tok, cfg.model.name, cfg.cache_dir, progress=rank == 0)
-    if rank == 0:
-        barrier()
-    encoded = [EncodedExample(torch.tensor(r["input_ids"]), torch.tensor(r["labels"])) for r in ds]
-    n_eval = int(cfg.validation.heldout)  # held out whether or not eval runs, so the training data never changes
-    if len(encoded) <= n_eval:
-        raise ValueError(f"{len(encoded)} examples cannot leave {n_eval} held out (validation.heldout)")
-    train_enc, heldout = encoded[: len(encoded) - n_eval], encoded[len(encoded) - n_eval :]
     problems = (demo_examples(cfg.validation.accuracy_problems, seed=10_000, min_steps=cfg.validation.accuracy_min_steps,
                               max_steps=cfg.validation.accuracy_max_steps) if cfg.validation.accuracy_problems else [])
-    _log(rank, f"data: {stats.examples} examples ({len(train_enc)} train, {len(heldout)} held out), "
-               f"{stats.truncated} truncated, {stats.dropped_too_long} dropped")
 
     results: dict = {}
     # Selection and the evaluation before training run forwards outside the engine: under ZeRO-3 every rank
@@ -290,14 +319,8 @@ def train(cfg) -> dict:
     model = _wrap_trainable(cfg, model)
     model.train()
     sp = sequence_parallel.enable(model, n_sp)  # after the evaluations: they run whole rows on one rank
-    if tr.get("tiled_mlp"):
-        sequence_parallel.tile_mlps(model)
-    lengths = [len(e.input_ids) for e in train_enc]
-    rows = plan_rows(lengths, tr.pack_length, seed, int(tr.epochs or 1))
-    per_step = grad_accum * world_size
-    max_steps = int(tr.max_steps) if tr.max_steps else len(rows) // per_step
-    if max_steps * per_step > len(rows):  # more steps than one pass: keep cycling through more epochs
-        rows = plan_rows(lengths, tr.pack_length, seed, math.ceil(max_steps * per_step / len(rows)))
+    if tr.get("tiled_mlp"):  # ZeRO-3 gathers weights per tile: every rank pads to the longest row, tiles alike
+        sequence_parallel.tile_mlps(model, length=int(tr.pack_length) // n_sp if zero3 else None)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(tr.warmup_ratio * max_steps), max_steps))
@@ -319,6 +342,7 @@ def train(cfg) -> dict:
         state, rng = ckpt.read_state(resume_from, rank)
         ckpt.set_rng_state(rng)
         start = state["step"]
+        _check_row_position(state, per_step, resume_from)
         _log(rank, f"resumed from {resume_from} at step {start}")
     keep = int(tr.get("keep_checkpoints", 2))
     preempt = Preemption()
@@ -393,7 +417,7 @@ def train(cfg) -> dict:
                         f"had a non-finite loss or gradient norm; their updates were skipped, so the weights are those "
                         f"after step {step + 1 - bad_streak}. Last good checkpoint: {last or 'none'}; no model "
                         "exported. Lower train.lr, check those rows' data, or raise train.max_bad_steps")
-            state = {"step": step + 1, "rows_consumed": (step + 1) * per_step}
+            state = {"step": step + 1, "rows_consumed": (step + 1) * per_step, "rows_per_step": per_step}
             saved = None
             if not bad and tr.save_every and (step + 1) % tr.save_every == 0 and step + 1 < max_steps:
                 saved = save_checkpoint(engine, ckpt_root, step + 1, state, keep) or "saved"
@@ -430,6 +454,19 @@ def train(cfg) -> dict:
         run.finish()
     barrier()
     return results
+
+
+def _check_row_position(state: dict, per_step: int, where: str) -> None:
+    """The resumed run goes on from the checkpoint's row position only if it takes as many packed rows per step:
+    otherwise step k of this run would not start at row `rows_consumed`, and rows would be skipped or repeated."""
+    consumed, step = int(state["rows_consumed"]), int(state["step"])
+    if consumed != step * per_step:
+        raise ValueError(
+            f"checkpoint {where} was written after {consumed} packed rows in {step} steps "
+            f"({state.get('rows_per_step', consumed // max(step, 1))} rows per step); this run takes {per_step} rows "
+            "per step (train.grad_accum or train.global_batch over the processes), so resuming would skip or repeat "
+            "rows. Resume with the step size the checkpoint was trained with, or start afresh (train.resume=none or "
+            "another output_dir)")
 
 
 def _resume(engine, root: str, resume, rank: int, dev) -> str | None:

@@ -1,0 +1,177 @@
+"""The training job at its edges: the logged losses against an independent cross-entropy, the settings a
+selection file carries, runs that cannot train, a resume with another step size, and `lazy.*` checked before
+anything loads."""
+import json
+import os
+
+import pytest
+import torch
+
+from train_helpers import ROOT, TINY, losses, run_train
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        return compose("train", overrides=TINY + list(overrides))
+
+
+def _log(out) -> dict[int, dict]:
+    with open(os.path.join(out, "train_log.jsonl"), encoding="utf-8") as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def _weights_after(out, step: int, nproc: int) -> dict:
+    """The trained weights saved by the checkpoint of `step`: the plain engine's trainable.safetensors, or the
+    module state DeepSpeed (ZeRO-2) writes whole."""
+    d = os.path.join(out, "checkpoints", f"step_{step:07d}")
+    if nproc == 1:
+        from safetensors.torch import load_file
+
+        return load_file(os.path.join(d, "trainable.safetensors"))
+    return torch.load(os.path.join(d, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+
+
+def _reference_step(cfg, weights: dict, rows: list[list[int]], examples) -> tuple[float, float]:
+    """(loss, gradient norm) of one optimizer step computed outside the trainer: the model built afresh with the
+    given weights, every row of the step through the plain forward (full logits), summed token cross-entropy over
+    the step's target tokens divided by their count, and the global norm of its gradient."""
+    from lt_train.data.collate import collate_packed
+    from lt_train.hybrid import HybridConfig, convert_to_hybrid
+    from lt_train.models import tiny_model, tiny_tokenizer
+
+    model = tiny_model(cfg.model.arch, int(cfg.model.num_layers), int(cfg.model.get("seed", 0)))
+    convert_to_hybrid(model, HybridConfig(list(cfg.lazy.layers), cfg.lazy.sink_tokens, cfg.lazy.recent_tokens))
+    if cfg.train.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lc = cfg.train.lora
+        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=0.0,
+                                                 target_modules=list(lc.target_modules), task_type="CAUSAL_LM"))
+    unknown = set(weights) - set(model.state_dict())
+    assert not unknown, sorted(unknown)[:3]
+    model.load_state_dict(weights, strict=False)
+    model.train()
+    pad = tiny_tokenizer().pad_token_id
+    total, count = 0.0, 0
+    for row in rows:
+        b = collate_packed([[examples[i] for i in row]], pad)
+        logits = model(input_ids=b.input_ids, position_ids=b.position_ids, use_cache=False).logits
+        target = b.labels[:, 1:]
+        total = total + torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(),
+                                                          ignore_index=-100, reduction="sum")
+        count += int((target != -100).sum())
+    loss = total / count
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    return float(loss), float(norm)
+
+
+@pytest.mark.parametrize("mode,nproc", [("full", 1), ("lora", 1), ("full", 2), ("lora", 2)])
+def test_logged_losses_and_gradient_norms_equal_an_independent_cross_entropy(tmp_path, mode, nproc):
+    """Steps 2 and 3 of a run (two packed rows of different target counts per step), each from the weights the
+    previous step's checkpoint holds: the trainer's logged loss is the mean token cross-entropy over all the
+    step's target tokens, and its logged gradient norm (before clipping) is that mean's. A trainer that divides
+    by another count (per micro-batch, per rank, a wrong engine divisor) logs another gradient norm."""
+    from lt_train.data.prepare import prepare
+    from lt_train.models import tiny_tokenizer
+    from lt_train.train.loop import plan_rows
+
+    args = [f"train={mode}", "train.lr=1e-3", "train.max_steps=3", "train.save_every=1", "train.keep_checkpoints=3",
+            "validation.enabled=false", "train.global_batch=2"] + (["train.lora.dropout=0.0"] if mode == "lora" else [])
+    if nproc > 1:
+        args.append("deepspeed=zero2")
+    out = tmp_path / "run"
+    _ok(run_train(out, args, nproc=nproc))
+    cfg = _compose(args)
+    ds, _, _ = prepare(cfg.data, tiny_tokenizer(), cfg.model.name, str(out / "cache"))
+    from lt_train.data.format import EncodedExample
+
+    examples = [EncodedExample(torch.tensor(r["input_ids"]), torch.tensor(r["labels"])) for r in ds][:-2]
+    rows = plan_rows([len(e.input_ids) for e in examples], cfg.train.pack_length, 0, 1)
+    log = _log(out)
+    for step in (2, 3):
+        step_rows = rows[(step - 1) * 2: step * 2]
+        loss, norm = _reference_step(cfg, _weights_after(out, step - 1, nproc), step_rows, examples)
+        assert log[step]["loss"] == pytest.approx(loss, rel=2e-5), step
+        assert log[step]["grad_norm"] == pytest.approx(norm, rel=1e-4), step
+    targets = [sum(int((examples[i].labels[1:] != -100).sum()) for i in r) for r in rows[2:6]]
+    assert targets[0] != targets[1] and targets[2] != targets[3], targets  # each step: rows of unequal weight
+
+
+def test_a_selection_file_brings_its_sinks_and_window(tmp_path):
+    """lazy.from_file written with S=0 (the config's default is 4): the run plans, trains and exports S=0; a
+    command-line value that contradicts the file (the test runs pass lazy.recent_tokens=64; here a file written
+    with W=16, and lazy.sink_tokens=4 against S=0) is refused before training, naming both."""
+    from lt_train import load_hybrid
+    from lt_train.hybrid import HybridConfig
+
+    def selection(name, S, W):
+        path = tmp_path / name
+        path.write_text(json.dumps({"lazy_layers": [0, 2], "sink_tokens": S, "recent_tokens": W}))
+        return ["lazy.layers=null", f"lazy.from_file={path}", "train=full", "train.max_steps=1",
+                "train.save_every=0", "validation.enabled=false"]
+
+    proc = run_train(tmp_path / "a", selection("s0.json", 0, 64))
+    _ok(proc)
+    assert "S=0, W=64" in proc.stdout
+    hc = HybridConfig.from_model_config(load_hybrid(str(tmp_path / "a" / "model")).config)
+    assert (hc.lazy_layers, hc.sink_tokens, hc.window) == ([0, 2], 0, 64)
+    with open(tmp_path / "a" / "plan.json", encoding="utf-8") as f:
+        planned = json.load(f)["settings"]
+    assert (planned["sink_tokens"], planned["window"], planned["lazy_layers"]) == (0, 64, 2)
+    for name, args, said in [("w16.json", selection("w16.json", 4, 16), ("lazy.recent_tokens=64", "recent_tokens=16")),
+                             ("s4.json", selection("s0.json", 0, 64) + ["lazy.sink_tokens=4"],
+                              ("lazy.sink_tokens=4", "sink_tokens=0"))]:
+        bad = run_train(tmp_path / f"run-{name}", args)
+        assert bad.returncode != 0
+        assert f"{said[0]} on the command line" in bad.stderr and f"selected with {said[1]}" in bad.stderr
+        assert not (tmp_path / f"run-{name}" / "train_log.jsonl").exists()
+
+
+def test_a_run_that_would_train_no_step_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    from lt_train.train import loop
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(loop, "load_from_config", no_load)
+    cfg = _compose(["train.max_steps=null", "train.epochs=1", "train.global_batch=64", f"output_dir={tmp_path}",
+                    f"cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(ValueError, match=r"22 training examples pack into 22 rows .* one optimizer step takes "
+                                         r"\(64 rows"):
+        loop.train(cfg)
+    assert not (tmp_path / "train_log.jsonl").exists()
+
+
+def test_resuming_with_another_step_size_is_refused_and_the_same_size_resumes(tmp_path):
+    args = ["train=full", "train.max_steps=4", "train.save_every=2", "validation.enabled=false"]
+    _ok(run_train(tmp_path, args + ["train.max_steps=2", "train.save_every=1"]))
+    bad = run_train(tmp_path, args + ["train.grad_accum=2"])
+    assert bad.returncode != 0
+    assert "written after 1 packed rows in 1 steps (1 rows per step); this run takes 2 rows per step" in bad.stderr
+    _ok(run_train(tmp_path, args))
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("lazy.strategy=nl", "lazy.strategy='nl' is not one of"),
+    ("lazy.num_lazy=7", "num_lazy=7 is out of range for a model with 4 layers"),
+    ("lazy.num_lazy=1.5", "num_lazy as a fraction must be in (0, 1]"),
+    ("lazy.sink_tokens=-1", "lazy.sink_tokens must be an integer >= 0, got -1"),
+    ("lazy.recent_tokens=0", "lazy.recent_tokens must be an integer >= 1, got 0"),
+    ("lazy.last_queries=0", "lazy.last_queries must be an integer >= 1"),
+    ("lazy.nll_samples=0", "lazy.nll_samples must be an integer >= 1"),
+    ("distributed.timeout_minutes=0", "distributed.timeout_minutes must be > 0"),
+])
+def test_every_lazy_setting_is_checked_before_anything_loads(override, message):
+    from lt_train.train.config import validate
+
+    cfg = _compose(["lazy.layers=null", override])
+    with pytest.raises(ValueError) as e:
+        validate(cfg, 1)
+    assert message in str(e.value)
