@@ -17,11 +17,13 @@ def _targets(hidden: torch.Tensor, labels: torch.Tensor, shifted: bool):
 
 
 def lm_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024,
-                     shifted: bool = False) -> torch.Tensor:
+                     shifted: bool = False, n_chunks: int | None = None) -> torch.Tensor:
     """Sum of next-token cross-entropies for decoder states `hidden` [B, T, H] and `labels` [B, T] (-100
     ignored; `shifted`: labels[t] is the target of state t). With gradients, each chunk is checkpointed so that
     its logits are not kept for backward (under ZeRO-3 use `zero3_head_loss_sum`: re-running the head in backward
-    would meet its weight partitioned again)."""
+    would meet its weight partitioned again). `n_chunks`: exactly that many head calls, whatever the length (under
+    ZeRO-3 each call gathers the head's weight, a collective: ranks evaluating rows of different lengths must
+    make as many)."""
     head = model.get_output_embeddings()
     hidden, targets = _targets(hidden, labels, shifted)
 
@@ -31,8 +33,10 @@ def lm_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: i
                                reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, targets.shape[1], chunk):
-        h, t = hidden[:, s : s + chunk], targets[:, s : s + chunk]
+    bounds = range(0, targets.shape[1], chunk)
+    pieces = (zip(hidden.tensor_split(n_chunks, dim=1), targets.tensor_split(n_chunks, dim=1)) if n_chunks
+              else ((hidden[:, s : s + chunk], targets[:, s : s + chunk]) for s in bounds))
+    for h, t in pieces:
         total = total + (torch.utils.checkpoint.checkpoint(part, h, t, use_reentrant=False)
                          if torch.is_grad_enabled() else part(h, t))
     return total
@@ -71,7 +75,8 @@ def zero3_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, scale
 
 @torch.no_grad()
 def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-              labels: torch.Tensor | None = None, chunk: int = 1024) -> tuple[float, int]:
+              labels: torch.Tensor | None = None, chunk: int = 1024,
+              n_chunks: int | None = None) -> tuple[float, int]:
     """(sum of token NLLs, number of predicted tokens). `labels` default to `input_ids`; -100 is ignored,
     as is padding. Positions are counted over real tokens, as `generate()` does."""
     if input_ids.ndim == 1:
@@ -83,7 +88,7 @@ def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     hidden = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
                                use_cache=False).last_hidden_state
-    total = lm_head_loss_sum(model, hidden, labels, chunk)
+    total = lm_head_loss_sum(model, hidden, labels, chunk, n_chunks=n_chunks)
     return total.item(), int((labels[:, 1:] != -100).sum())
 
 

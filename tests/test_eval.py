@@ -657,7 +657,7 @@ def test_trainer_demo_accuracy_grades_each_problem_with_its_own_answer(monkeypat
     right = {build_prompt(tok, p.question): p.answer for i, p in enumerate(problems) if i % 2 == 0}
     batches = []
 
-    def answering(model, tok, prompts, gs, seeds):  # the even problems answered right, the odd ones wrong
+    def answering(model, tok, prompts, gs, seeds, lockstep=False):  # the even problems right, the odd ones wrong
         batches.append(len(prompts))
         assert gs.greedy and gs.max_new_tokens == 16
         texts = [f"so \\boxed{{{right.get(p, '1000')}}}" for p in prompts]

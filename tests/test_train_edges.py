@@ -175,3 +175,47 @@ def test_every_lazy_setting_is_checked_before_anything_loads(override, message):
     with pytest.raises(ValueError) as e:
         validate(cfg, 1)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_zero3_evaluates_and_exports_without_gathering_more_than_a_layer(tmp_path, mode):
+    """Two ZeRO-3 processes, validation on (held-out NLL and demo answers shared out unevenly: 3 rows and 3
+    batches over 2 ranks), against one plain process with the same rows per step: the same evaluations before and
+    after training, and an exported model with the same logits. No rank ever holds more parameter elements
+    gathered at once than one decoder layer has (counted around every `GatheredParameters`); without the
+    module-by-module export and the partitioned evaluations, every rank gathered the whole model."""
+    from lt_train import load_hybrid
+    from lt_train.models import tiny_model, tiny_tokenizer
+
+    ckpt = tmp_path / "tiny"  # a checkpoint, so zero.Init loads the same weights as the plain process
+    tiny_model("llama").save_pretrained(ckpt)
+    tiny_tokenizer().save_pretrained(ckpt)
+    common = [f"model={ckpt}", f"train={mode}", "train.max_steps=2", "train.save_every=0", "train.lr=1e-3",
+              "validation.heldout=3", "validation.accuracy_problems=3", "validation.batch_size=1",
+              "validation.max_new_tokens=12"]
+    _ok(run_train(tmp_path / "plain", common + ["train.grad_accum=2"]))
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    env = {"LT_GATHER_PROBE": str(probe), "PYTHONPATH": os.pathsep.join(
+        [os.path.join(ROOT, "tests", "fixtures", "gather_probe"), os.environ.get("PYTHONPATH", "")])}
+    _ok(run_train(tmp_path / "z3", common + ["deepspeed=zero3", "train.grad_accum=1"], nproc=2, env=env))
+
+    def results(d):
+        with open(d / "summary.json", encoding="utf-8") as f:
+            return json.load(f)["results"]
+    plain, z3 = results(tmp_path / "plain"), results(tmp_path / "z3")
+    assert set(z3) == {"full, before", "hybrid, before", "full, after", "hybrid, after"}
+    for k in plain:
+        assert z3[k]["heldout_nll"] == pytest.approx(plain[k]["heldout_nll"], abs=2e-4), k
+        assert z3[k]["demo_accuracy"] == plain[k]["demo_accuracy"], k
+    x = torch.randint(3, 128, (2, 300))
+    with torch.no_grad():
+        want = load_hybrid(str(tmp_path / "plain" / "model"))(x).logits
+        got = load_hybrid(str(tmp_path / "z3" / "model"))(x).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    layer = sum(p.numel() for p in tiny_model("llama").model.layers[0].parameters())
+    for rank in (0, 1):
+        with open(probe / f"rank{rank}.json", encoding="utf-8") as f:
+            seen = json.load(f)
+        assert seen["gathers"] > 10, seen  # the export gathered module by module
+        assert 0 < seen["max_gathered"] <= layer, (rank, seen, layer)

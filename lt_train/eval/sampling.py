@@ -119,12 +119,17 @@ def next_tokens(logits: torch.Tensor, gs: GenSettings, gens: list[torch.Generato
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, prompts: list[str], gs: GenSettings, seeds: list[int]) -> BatchOutput:
+def generate_batch(model, tokenizer, prompts: list[str], gs: GenSettings, seeds: list[int],
+                   lockstep: bool = False) -> BatchOutput:
     """Generate for left-padded prompts with a fresh cache; each row samples with its own seed.
 
     The decode loop is written out (not `generate`) for two reasons: rows that finish are dropped from the
     batch and the cache at once, so a long-reasoning batch does not keep computing its finished rows, and a
-    generator per row makes a sample's tokens independent of its batch-mates."""
+    generator per row makes a sample's tokens independent of its batch-mates.
+
+    `lockstep`: every call makes exactly `max_new_tokens` forwards, finished rows kept in the batch and their later
+    tokens dropped: the ranks of a ZeRO-3 model gather each module's weights in every forward (a collective), so
+    they must make as many, and this needs no collective per token to agree on when to stop."""
     dev = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -156,13 +161,16 @@ def generate_batch(model, tokenizer, prompts: list[str], gs: GenSettings, seeds:
     for step in range(gs.max_new_tokens):
         tok = next_tokens(logits, gs, [gens[r] for r in alive])
         done = torch.isin(tok, eos.to(tok.device)).tolist()
-        for r, t, d in zip(alive, tok.tolist(), done):
+        for j, (r, t, d) in enumerate(zip(alive, tok.tolist(), done)):
+            if lockstep and finished[r]:
+                done[j] = True
+                continue
             out_tokens[r].append(t)
             finished[r] = d
         keep = [j for j, d in enumerate(done) if not d]
-        if not keep or step == gs.max_new_tokens - 1:
+        if step == gs.max_new_tokens - 1 or not (keep or lockstep):
             break
-        if len(keep) < len(alive):  # drop finished rows from the batch and the cache
+        if len(keep) < len(alive) and not lockstep:  # drop finished rows from the batch and the cache
             sel = torch.tensor(keep)  # on the CPU: layers may sit on several devices (device_map)
             cache.batch_select_indices(sel)
             mask, last, tok = mask[sel.to(dev)], last[sel.to(dev)], tok[sel.to(tok.device)]

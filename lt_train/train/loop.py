@@ -31,6 +31,7 @@ from .config import validate
 from ..distributed import all_reduce_sum, barrier, local_rank, set_device, timeout_of, world
 from .engine import DeepSpeedEngine, PlainEngine, deepspeed_config, save_checkpoint
 from .evaluate import demo_accuracy, heldout_nll
+from .final_weights import adapter_state, write_model
 from .preemption import PREEMPTED_EXIT, Preemption
 
 
@@ -100,15 +101,30 @@ def _choose_lazy(cfg, model, train_encoded, out_dir, rank) -> list[int]:
     return sel.layers
 
 
-def _evaluate(cfg, model, tok, heldout, problems, label, rank, results: dict) -> None:
-    if rank != 0 or not cfg.validation.enabled:
+def _evaluate(cfg, model, tok, heldout, problems, label, results: dict, lockstep: bool) -> None:
+    """One evaluation on every rank (rows shared out, sums reduced; see evaluate.py); the result in `results`."""
+    if not cfg.validation.enabled:
         return
+    rank, world_size = world()
+    training = model.training
     model.eval()
     t0 = time.perf_counter()
-    nll = heldout_nll(model, heldout)
-    acc = demo_accuracy(model, tok, problems, cfg.validation.max_new_tokens, cfg.validation.batch_size) if problems else None
+    with torch.no_grad():
+        nll = heldout_nll(model, heldout, rank, world_size, lockstep)
+        acc = demo_accuracy(model, tok, problems, cfg.validation.max_new_tokens, cfg.validation.batch_size, rank,
+                            world_size, lockstep) if problems else None
+    model.train(training)
     results[label] = {"heldout_nll": round(nll, 4), "demo_accuracy": acc}
     _log(rank, f"eval {label}: held-out NLL {nll:.4f}, demo accuracy {acc} ({time.perf_counter() - t0:.0f}s)")
+
+
+def _evaluate_both(cfg, model, tok, heldout, problems, when: str, results: dict, lockstep: bool) -> None:
+    """The model with every layer full, then as the hybrid it is (its lazy layers back afterwards)."""
+    hc = HybridConfig.from_model_config(model.config)
+    set_lazy_layers(model, HybridConfig([], hc.sink_tokens, hc.window, hc.backend))
+    _evaluate(cfg, model, tok, heldout, problems, f"full, {when}", results, lockstep)
+    set_lazy_layers(model, hc)
+    _evaluate(cfg, model, tok, heldout, problems, f"hybrid, {when}", results, lockstep)
 
 
 def _wrap_trainable(cfg, model):
@@ -125,33 +141,17 @@ def _wrap_trainable(cfg, model):
     return model
 
 
-def _export(cfg, engine, model, hc: HybridConfig, out_dir: str, rank: int):
+def _export(cfg, model, tok, out_dir: str, rank: int, zero3: bool) -> None:
     """Save the LoRA adapter (LoRA runs) and the merged hybrid model (safetensors + hybrid settings in the
-    config, loadable by `load_hybrid`). Under ZeRO-3 the trained weights are gathered and loaded into a
-    freshly built model, so frozen weights come from the pretrained checkpoint, never from a partition."""
-    state = engine.trainable_state()  # every rank takes part: ZeRO-3 gathers
-    final = None
-    if rank == 0:
-        if cfg.train.mode == "lora":
+    config, loadable by `load_hybrid`), one module gathered at a time under ZeRO-3 (final_weights.py)."""
+    if cfg.train.mode == "lora":
+        state = adapter_state(model, zero3)  # every rank takes part: ZeRO-3 gathers
+        if rank == 0:
             model.save_pretrained(os.path.join(out_dir, "adapter"), state_dict=state)
-        if getattr(engine, "stage", 0) == 3:
-            final = _rebuild(cfg, hc, state)
-        else:
-            final = model.merge_and_unload() if cfg.train.mode == "lora" else model
-        final.save_pretrained(os.path.join(out_dir, "model"), safe_serialization=True)
+    write_model(model, os.path.join(out_dir, "model"), 0, rank, zero3)
+    if rank == 0:
+        tok.save_pretrained(os.path.join(out_dir, "model"))
     barrier()
-    return final
-
-
-def _rebuild(cfg, hc: HybridConfig, state: dict):
-    base, _ = load_from_config(cfg.model)
-    convert_to_hybrid(base, hc)
-    model = _wrap_trainable(cfg, base)
-    missing = set(state) - set(dict(model.named_parameters()))
-    if missing:
-        raise RuntimeError(f"gathered weights do not fit the rebuilt model, e.g. {sorted(missing)[:3]}")
-    model.load_state_dict(state, strict=False)
-    return model.merge_and_unload() if cfg.train.mode == "lora" else model
 
 
 def _partitioned_loading(ds_config: dict):
@@ -173,10 +173,8 @@ def _parameter_storage(model) -> tuple[int, int]:
     return local, whole
 
 
-def _needs_forwards(cfg) -> bool:
-    lz = cfg.lazy
-    chooses = lz.get("layers") is None and not lz.get("from_file")
-    return bool(chooses or cfg.validation.enabled)
+def _selects(cfg) -> bool:
+    return cfg.lazy.get("layers") is None and not cfg.lazy.get("from_file")
 
 
 @contextlib.contextmanager
@@ -303,22 +301,18 @@ def train(cfg) -> dict:
                               max_steps=cfg.validation.accuracy_max_steps) if cfg.validation.accuracy_problems else [])
 
     results: dict = {}
-    # Selection and the evaluation before training run forwards outside the engine: under ZeRO-3 every rank
-    # gathers the whole model for them (give lazy.layers / lazy.from_file and validation.enabled=false to skip
-    # that for a model that does not fit whole on one GPU).
-    with _full_weights(model, zero3 and _needs_forwards(cfg)):
+    # Selection runs forwards before the engine exists: under ZeRO-3 every rank gathers the whole model for it
+    # (give lazy.layers or lazy.from_file for a model that does not fit whole on one GPU). The evaluations run
+    # later, on the engine's partitioned model.
+    with _full_weights(model, zero3 and _selects(cfg)):
         lazy = _choose_lazy(cfg, model, train_enc, out_dir, rank)
-        hc = HybridConfig(lazy, cfg.lazy.sink_tokens, cfg.lazy.recent_tokens, cfg.lazy.get("backend", "auto"))
-        convert_to_hybrid(model, hc)
-        set_lazy_layers(model, HybridConfig([], hc.sink_tokens, hc.window, hc.backend))
-        _evaluate(cfg, model, tok, heldout, problems, "full, before", rank, results)
-        set_lazy_layers(model, hc)
-        _evaluate(cfg, model, tok, heldout, problems, "hybrid, before", rank, results)
         barrier()
+    hc = HybridConfig(lazy, cfg.lazy.sink_tokens, cfg.lazy.recent_tokens, cfg.lazy.get("backend", "auto"))
+    convert_to_hybrid(model, hc)
 
     model = _wrap_trainable(cfg, model)
     model.train()
-    sp = sequence_parallel.enable(model, n_sp)  # after the evaluations: they run whole rows on one rank
+    sp = sequence_parallel.enable(model, n_sp)  # evaluation (modules in eval mode) keeps the unwrapped attention
     if tr.get("tiled_mlp"):  # ZeRO-3 gathers weights per tile: every rank pads to the longest row, tiles alike
         sequence_parallel.tile_mlps(model, length=int(tr.pack_length) // n_sp if zero3 else None)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -329,13 +323,14 @@ def train(cfg) -> dict:
     model = engine.module
     if use_ds:
         _log(rank, engine.placement())
-    if hf_ds is not None:  # later loads (the export's rebuild, evaluation) must not be partitioned again
+    if hf_ds is not None:  # later loads in this process must not be partitioned again
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
         hf_ds = None
 
     ckpt_root = os.path.join(out_dir, "checkpoints")
+    _evaluate_both(cfg, model, tok, heldout, problems, "before", results, zero3)  # before a resume loads weights
     start = 0
     resume_from = _resume(engine, ckpt_root, tr.resume, rank, dev)
     if resume_from:
@@ -439,15 +434,9 @@ def train(cfg) -> dict:
     bar.close()
     _log(rank, f"trained {max_steps - start} steps in {time.perf_counter() - t_start:.0f}s")
 
-    final = _export(cfg, engine, model, hc, out_dir, rank)
+    _export(cfg, model, tok, out_dir, rank, zero3)
+    _evaluate_both(cfg, model, tok, heldout, problems, "after", results, zero3)
     if rank == 0:
-        tok.save_pretrained(os.path.join(out_dir, "model"))
-    if rank == 0 and final is not None:
-        _evaluate(cfg, final, tok, heldout, problems, "hybrid, after", rank, results)
-        hc_final = HybridConfig.from_model_config(final.config)
-        set_lazy_layers(final, HybridConfig([], hc_final.sink_tokens, hc_final.window, hc_final.backend))
-        _evaluate(cfg, final, tok, heldout, problems, "full, after", rank, results)
-        set_lazy_layers(final, hc_final)
         _write_summary(out_dir, results, lazy, cfg)
     if run is not None:
         run.summary.update({k.replace(", ", "_"): v for k, v in results.items()})
