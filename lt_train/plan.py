@@ -75,6 +75,8 @@ class MemoryPlan:
     settings: dict
     suggestions: list[str] = field(default_factory=list)
     deepspeed_estimate: dict | None = None  # DeepSpeed's own model-states estimate, for comparison
+    # the run's other phases, each {"per_gpu": parts, "host": parts}: selection, the evaluations, the export
+    phases: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
 
     @property
     def per_gpu_total(self) -> int:
@@ -91,19 +93,42 @@ class MemoryPlan:
             return int(hw.gpu_memory_gb * 1e9)
         return int(hw.host_memory_gb * 1e9 / max(hw.processes, 1)) if hw.host_memory_gb else 0
 
+    def phase_totals(self) -> dict[str, tuple[int, int]]:
+        """(per GPU, host per node) of every phase of the run, the training step included, in run order."""
+        out = {name: (sum(p["per_gpu"].values()), sum(p["host"].values())) for name, p in self.phases.items()
+               if name != "export"}
+        out["training step"] = (self.per_gpu_total, self.host_total)
+        if "export" in self.phases:
+            p = self.phases["export"]
+            out["export"] = (sum(p["per_gpu"].values()), sum(p["host"].values()))
+        return out
+
+    @property
+    def peak_per_gpu(self) -> int:
+        return max(g for g, _ in self.phase_totals().values())
+
+    @property
+    def peak_host(self) -> int:
+        return max(h for _, h in self.phase_totals().values())
+
     @property
     def fits(self) -> bool:
+        """The largest phase fits the GPU (or process) budget and the node's host memory."""
         hw = self.hardware
-        ok = not self.device_budget or self.per_gpu_total <= self.device_budget
+        ok = not self.device_budget or self.peak_per_gpu <= self.device_budget
         if hw.gpus and hw.host_memory_gb:
-            ok = ok and self.host_total <= hw.host_memory_gb * 1e9
+            ok = ok and self.peak_host <= hw.host_memory_gb * 1e9
         return ok
 
     def to_json(self) -> dict:
         return {"per_gpu_bytes": {"parts": self.per_gpu, "total": self.per_gpu_total},
                 "host_bytes": {"parts": self.host, "total": self.host_total},
                 "fits": self.fits, "suggestions": self.suggestions, "hardware": dataclasses.asdict(self.hardware),
-                "settings": self.settings, "deepspeed_estimate": self.deepspeed_estimate}
+                "settings": self.settings, "deepspeed_estimate": self.deepspeed_estimate,
+                "phases": {k: {"per_gpu_bytes": {"parts": v["per_gpu"], "total": sum(v["per_gpu"].values())},
+                               "host_bytes": {"parts": v["host"], "total": sum(v["host"].values())}}
+                           for k, v in self.phases.items()},
+                "peak_per_gpu_bytes": self.peak_per_gpu, "peak_host_bytes": self.peak_host}
 
     def table(self) -> str:
         hw, s = self.hardware, self.settings
@@ -129,6 +154,15 @@ class MemoryPlan:
             hb = hw.host_memory_gb * 1e9
             hv = "" if not hb else f"  (host {hb / GiB:.0f} GiB: {'fits' if self.host_total <= hb else 'does NOT fit'})"
             lines.append(f"  {'total':<34} {self.host_total / GiB:>9.2f} GiB{hv}")
+        if self.phases:
+            budget_s = f" of {budget / GiB:.2f}" if budget else ""
+            lines.append(f"phases of the run ({'per GPU' if hw.gpus else 'per process'}{budget_s} GiB"
+                         + (", host per node GiB)" if hw.gpus else ")") + ":")
+            for name, (g, h) in self.phase_totals().items():
+                lines.append(f"  {name:<34} {g / GiB:>9.2f}" + (f" {h / GiB:>9.2f}" if hw.gpus else ""))
+            for name, p in self.phases.items():
+                lines.append(f"  {name}: " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in {**p['per_gpu'],
+                             **{f'host: {k}': v for k, v in p['host'].items()}}.items()))
         if self.deepspeed_estimate:
             d = self.deepspeed_estimate
             lines.append(f"DeepSpeed's own estimate of the model states: {d['per_gpu'] / GiB:.2f} GiB per GPU, "
@@ -530,11 +564,52 @@ def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> 
                 "lazy_layers": n_lazy,
                 "streaming_backend": backend, "sink_tokens": S, "window": W, "gradient_checkpointing": gc,
                 "world_size": world, "layer_activation_bytes": {"full": a_full, "lazy": a_lazy}}
+    phases = _other_phases(cfg, parts, host, N=N, largest=largest, pb=pb, p16=(2 if pb == 2 else 4), stage=stage,
+                           T=T, t_local=t_local, H=H, V=V, L=L, a_max=a_max, text=text)
     plan = MemoryPlan(parts, host, hw, settings, deepspeed_estimate=_deepspeed_estimate(
-        N, largest, stage, off_opt, off_par, hw) if mode == "full" and stage and bf16 else None)
+        N, largest, stage, off_opt, off_par, hw) if mode == "full" and stage and bf16 else None, phases=phases)
     if suggest and not plan.fits:
         plan.suggestions = _suggestions(cfg, hw)
     return plan
+
+
+EXPORT_SHARD = 2 * 2**30  # bytes of one safetensors shard the export's writer holds (train/final_weights.py)
+STATE_PARTS = ("parameters", "parameters (partition)", "gradients (partition)", "optimizer states (partition)",
+               "optimizer states (AdamW)", "DeepSpeed buckets")  # what the engine holds between steps
+
+
+def _other_phases(cfg, step: dict, host: dict, *, N, largest, pb, p16, stage, T, t_local, H, V, L, a_max,
+                  text) -> dict:
+    """The phases around the training step, per GPU and per node: selection (before the engine exists; under
+    ZeRO-3 it gathers the whole model on every rank), the evaluations before and after training (on the engine's
+    partitioned model: its states, one module gathered at a time, a forward without gradients), and the export
+    (one module gathered; the writer's host holds one shard in flight)."""
+    lz, val = cfg["lazy"], _get(cfg, "validation", {}) or {}
+    states = {k: v for k, v in step.items() if k in STATE_PARTS}
+    offloaded = {k: v for k, v in host.items() if "offloaded" in k}
+    gathered = {"one module gathered (ZeRO-3)": largest * p16} if stage == 3 else {}
+    # a forward without gradients: a layer's transients (bounded by what it saves for backward), its input and
+    # output, and one chunk of LM-head logits with their fp32 copy
+    forward = {"forward without gradients (one layer + head chunk)":
+               a_max + 2 * T * H * pb + min(HEAD_CHUNK, T) * V * (pb + 4)}
+    phases: dict[str, dict] = {}
+    if lz.get("layers") is None and not lz.get("from_file") and lz.get("file_layers") is None:
+        weights = ({"whole model gathered on every rank (ZeRO-3)": N * p16,
+                    "parameters (partition)": step.get("parameters (partition)", 0)} if stage == 3
+                   else {"parameters": N * pb})
+        phases["selection"] = {"per_gpu": {**weights, **forward},
+                               "host": {k: v for k, v in host.items() if k.startswith("model loading")}}
+    if val.get("enabled"):
+        kv = 0
+        if int(val.get("accuracy_problems") or 0):
+            heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+            hd = int(getattr(text, "head_dim", None) or H // text.num_attention_heads)
+            kv = int(val.get("batch_size", 8)) * (int(val.get("max_new_tokens", 320)) + 512) * L * 2 * heads * hd * pb
+        ev = {**states, **gathered, **forward, **({"KV cache (demo answers)": kv} if kv else {})}
+        phases["evaluation (before / after)"] = {"per_gpu": ev, "host": dict(offloaded)}
+    phases["export"] = {"per_gpu": {**states, **gathered},
+                        "host": {**offloaded, "export writer (one shard + one module)": EXPORT_SHARD + largest * p16}}
+    return phases
 
 
 def longest_pack_length(cfg, hardware: Hardware | None = None, quantum: int = 1024, limit: int = 1 << 22) -> int:
@@ -602,6 +677,12 @@ def _suggestions(cfg, hw: Hardware) -> list[str]:
     T = int(base.train.pack_length)
     stage = int(base.deepspeed.get("stage", 0))
     candidates: list[tuple[str, dict]] = []
+    lz = base.lazy
+    if lz.get("layers") is None and not lz.get("from_file") and lz.get("file_layers") is None:
+        # selection in the trainer holds the whole model (ZeRO-3: gathered on every rank); a selection made
+        # beforehand by launch/select_lazy.py (one model copy per process, nothing else) is read instead
+        candidates.append(("lazy.from_file=<lazy_layers.json of launch/select_lazy.py>",
+                           {"lazy.from_file": "lazy_layers.json"}))
     if not base.train.get("gradient_checkpointing"):
         candidates.append(("train.gradient_checkpointing=true", {"train.gradient_checkpointing": True}))
     if stage and stage < 3:
@@ -653,7 +734,7 @@ def _suggestions(cfg, hw: Hardware) -> list[str]:
         except (ValueError, ImportError):
             continue
         if p.fits:
-            out.append(f"{label}: {p.per_gpu_total / GiB:.1f} GiB per {'GPU' if hw.gpus else 'process'}")
+            out.append(f"{label}: {p.peak_per_gpu / GiB:.1f} GiB per {'GPU' if hw.gpus else 'process'}")
         if len(out) >= 6:
             break
     return out

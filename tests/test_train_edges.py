@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from train_helpers import ROOT, TINY, losses, run_train
+from train_helpers import ROOT, TINY, losses, run_train, run_two_nodes
 
 
 def _ok(proc):
@@ -219,3 +219,31 @@ def test_zero3_evaluates_and_exports_without_gathering_more_than_a_layer(tmp_pat
             seen = json.load(f)
         assert seen["gathers"] > 10, seen  # the export gathered module by module
         assert 0 < seen["max_gathered"] <= layer, (rank, seen, layer)
+
+
+def test_two_nodes_with_their_own_caches_train_like_one_node_and_resume_a_preempted_run_exactly(tmp_path):
+    """Two torchrun "nodes" of one process each (c10d rendezvous on this machine), ZeRO-3, each node's local rank
+    0 building the tokenised data in its own cache_dir: the losses of one node with two processes. SIGTERM to
+    node 0 during step 2 stops both nodes after that step with a checkpoint; the rerun repeats the losses."""
+    from lt_train.models import tiny_model, tiny_tokenizer
+    from lt_train.train.preemption import PREEMPTED_EXIT
+
+    ckpt = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(ckpt)
+    tiny_tokenizer().save_pretrained(ckpt)
+    args = [f"model={ckpt}", "deepspeed=zero3", "train=full", "train.lr=1e-3", "train.max_steps=3",
+            "train.save_every=0", "validation.enabled=false"]
+    _ok(run_train(tmp_path / "one", args, nproc=2))
+    caches = [tmp_path / "cache0", tmp_path / "cache1"]
+    for node in run_two_nodes(tmp_path / "two", args, caches):
+        _ok(node)
+    assert all(any(c.iterdir()) for c in caches)  # each node built its own
+    one = losses(tmp_path / "one")
+    assert losses(tmp_path / "two") == pytest.approx(one, rel=1e-6)
+    stopped = run_two_nodes(tmp_path / "pre", args + ["train.signal_at_step=2"], caches)
+    assert all(n.returncode != 0 for n in stopped)
+    assert f"exitcode  : {PREEMPTED_EXIT}" in stopped[0].stderr + stopped[1].stderr
+    assert sorted(losses(tmp_path / "pre")) == [1, 2]
+    for node in run_two_nodes(tmp_path / "pre", args, caches):
+        _ok(node)
+    assert losses(tmp_path / "pre") == pytest.approx(one, rel=1e-6)

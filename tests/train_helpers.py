@@ -13,10 +13,41 @@ TINY = ["model=tiny", "data.num_samples=24", "data.max_length=1500", "train.pack
 def torchrun(nproc: int) -> list[str]:
     """`torchrun --nproc_per_node=N` on a port the system has just handed out as free (a fixed or hashed port can
     meet another run's or service's)."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+            str(free_port())]
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", str(port)]
+        return s.getsockname()[1]
+
+
+def run_two_nodes(out_dir, overrides, caches, timeout=600):
+    """launch/train.py as two torchrun "nodes" of one process each on this machine, meeting through a c10d
+    rendezvous (as `launch/multinode.sbatch` starts them), node i with its own cache_dir `caches[i]`. Returns
+    the two CompletedProcess-like (returncode, stdout, stderr) of the nodes."""
+    port = free_port()
+    script = os.path.join(ROOT, "launch", "train.py")
+    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    procs = []
+    for node, cache in enumerate(caches):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+               "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+               "--rdzv-id=lt-two-nodes", script] + TINY + list(overrides) + [
+               f"output_dir={out_dir}", f"cache_dir={cache}"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                      env=e))
+    done = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return done
 
 
 def run_train(out_dir, overrides=(), nproc=1, timeout=900, env=None):

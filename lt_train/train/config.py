@@ -122,6 +122,10 @@ def _validate_lazy(cfg) -> None:
         raise ValueError("set lazy.layers or lazy.from_file, not both")
     if not lz.get("from_file"):
         return
+    if not os.path.isfile(str(lz.from_file)):
+        raise FileNotFoundError(f"lazy.from_file={lz.from_file!r} does not exist: write it first with "
+                                "launch/select_lazy.py (the 32B recipes: +experiment=<recipe>_select), or set "
+                                "lazy.from_file=null to select inside this run")
     sel = read_selection(str(lz.from_file), "lazy.from_file")
     given = _command_line_keys()
     with open_dict(cfg):

@@ -205,7 +205,7 @@ def check_plan(cfg, world_size: int, rank: int):
             raise RuntimeError(msg)
         _log(rank, "train.ignore_plan=true: running although " + msg)
     else:
-        _log(rank, f"memory plan: {plan.per_gpu_total / 2**30:.2f} GiB per {'GPU' if plan.hardware.gpus else 'process'}"
+        _log(rank, f"memory plan: {plan.peak_per_gpu / 2**30:.2f} GiB per {'GPU' if plan.hardware.gpus else 'process'}"
                    f" ({cfg.output_dir}/plan.json)")
     return plan
 
