@@ -64,7 +64,14 @@ def resolve(name_or_path: str) -> str:
     if name_or_path in BUILTIN:
         dest = cache_dir() / name_or_path
         if not (dest / "model.safetensors").exists():
-            _convert_builtin(name_or_path, dest)
+            # several processes (torchrun) may ask at once: one converts, the others wait and then read its copy
+            import fcntl
+
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(dest.parent / f".{name_or_path}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (dest / "model.safetensors").exists():
+                    _convert_builtin(name_or_path, dest)
         return str(dest)
     return name_or_path
 
