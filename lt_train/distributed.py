@@ -78,3 +78,12 @@ def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
     buf = t.detach().to(dev, torch.float64)
     dist.all_reduce(buf)
     return buf.to(t.device, t.dtype)
+
+
+def share(n: int, rank: int, world: int, lockstep: bool = False) -> list[tuple[int, bool]]:
+    """(index, counted) of this rank's items i = rank, rank + world, ...; with `lockstep`, padded with item 0,
+    not counted, to the longest share, so that every rank makes as many forwards."""
+    mine = [(i, True) for i in range(rank, n, world)]
+    if lockstep:
+        mine += [(0, False)] * (-(-n // world) - len(mine))
+    return mine

@@ -17,7 +17,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from .distributed import all_reduce_tensor, group
+from .distributed import all_reduce_tensor, group, share
 from .lazy_ratio import layer_lazy_ratio, layer_output_error, resolve_num_lazy  # noqa: F401 -- part of this module's interface
 from .nll import decoder_of
 
@@ -157,8 +157,11 @@ def select_lazy_layers(model, samples, num_lazy, strategy: str = "default", sink
 
 def select_with_stats(model, samples, num_lazy, strategy: str = "default", sink_tokens: int = 4,
                       recent_tokens: int = 1020, last_queries: int = 64, seed: int = 0,
-                      nll_samples: int = 4, progress: bool = False) -> Selection:
-    """`select_lazy_layers` with every statistic it measured (for reports and lazy_layers.json)."""
+                      nll_samples: int = 4, progress: bool = False, lockstep: bool = False) -> Selection:
+    """`select_lazy_layers` with every statistic it measured (for reports and lazy_layers.json).
+
+    `lockstep` (a ZeRO-3 partitioned model, whose every module call gathers its weights: a collective): every
+    rank makes the same number of forwards, a rank with fewer samples or layers repeating one and discarding it."""
     import warnings
 
     from tqdm.auto import tqdm
@@ -183,11 +186,14 @@ def select_with_stats(model, samples, num_lazy, strategy: str = "default", sink_
     heads = None
     want_error = strategy == "error"
     errors = torch.zeros(len(samples), L, dtype=torch.float64)
-    for k in tqdm(range(rank, len(samples), world_size), desc="lazy ratios", disable=not progress):
+    for k, counted in tqdm(share(len(samples), rank, world_size, lockstep), desc="lazy ratios",
+                           disable=not progress):
         h, e = layer_statistics(model, samples[k].to(dev)[None], sink_tokens, recent_tokens, last_queries,
                                 output_error=want_error)
         if heads is None:
             heads = torch.zeros(len(samples), *h.shape, dtype=torch.float64)
+        if not counted:
+            continue
         heads[k] = h.double().cpu()
         if e is not None:
             errors[k] = e.double()
@@ -222,14 +228,16 @@ def select_with_stats(model, samples, num_lazy, strategy: str = "default", sink_
     elif strategy == "pyramid":
         layers = pyramid_layers(L, n)
     else:  # "nll": convert each layer alone and measure the damage directly
-        delta, base_nll = single_layer_delta_nll(model, samples[:nll_samples], sink_tokens, recent_tokens, progress)
+        delta, base_nll = single_layer_delta_nll(model, samples[:nll_samples], sink_tokens, recent_tokens, progress,
+                                                 lockstep)
         sel.delta_nll, sel.base_nll = delta, base_nll
         layers = sorted(range(L), key=lambda i: (delta[i], -mean_ratio[i].item()))[:n]
     sel.layers = sorted(layers)
     return sel
 
 
-def single_layer_delta_nll(model, samples, sink_tokens: int, window: int, progress: bool = False):
+def single_layer_delta_nll(model, samples, sink_tokens: int, window: int, progress: bool = False,
+                           lockstep: bool = False):
     """Increase of the mean NLL on `samples` when each layer alone becomes a streaming layer. Shared out over
     the process group: rank r scores layers r, r + world, ...; the results are summed over ranks, so every rank
     holds every layer's score (each rank computes the unconverted NLL itself: one forward per sample)."""
@@ -244,9 +252,11 @@ def single_layer_delta_nll(model, samples, sink_tokens: int, window: int, progre
     convert_to_hybrid(model, HybridConfig([], sink_tokens, window))
     delta = torch.zeros(L, dtype=torch.float64)
     try:
-        for i in tqdm(range(rank, L, world_size), desc="single-layer NLL", disable=not progress):
+        for i, counted in tqdm(share(L, rank, world_size, lockstep), desc="single-layer NLL", disable=not progress):
             set_lazy_layers(model, HybridConfig([i], sink_tokens, window))
-            delta[i] = mean_nll(model, samples) - base_nll
+            d = mean_nll(model, samples) - base_nll
+            if counted:
+                delta[i] = d
     finally:
         revert_hybrid(model)
     return all_reduce_tensor(delta).tolist(), base_nll

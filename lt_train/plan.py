@@ -580,10 +580,10 @@ STATE_PARTS = ("parameters", "parameters (partition)", "gradients (partition)", 
 
 def _other_phases(cfg, step: dict, host: dict, *, N, largest, pb, p16, stage, T, t_local, H, V, L, a_max,
                   text) -> dict:
-    """The phases around the training step, per GPU and per node: selection (before the engine exists; under
-    ZeRO-3 it gathers the whole model on every rank), the evaluations before and after training (on the engine's
-    partitioned model: its states, one module gathered at a time, a forward without gradients), and the export
-    (one module gathered; the writer's host holds one shard in flight)."""
+    """The phases around the training step, per GPU and per node: selection (before the engine exists: the
+    weights, under ZeRO-3 the partition and one module gathered at a time), the evaluations before and after
+    training (on the engine's model: its states, one module gathered, a forward without gradients), and the
+    export (one module gathered; the writer's host holds one shard in flight)."""
     lz, val = cfg["lazy"], _get(cfg, "validation", {}) or {}
     states = {k: v for k, v in step.items() if k in STATE_PARTS}
     offloaded = {k: v for k, v in host.items() if "offloaded" in k}
@@ -594,8 +594,8 @@ def _other_phases(cfg, step: dict, host: dict, *, N, largest, pb, p16, stage, T,
                a_max + 2 * T * H * pb + min(HEAD_CHUNK, T) * V * (pb + 4)}
     phases: dict[str, dict] = {}
     if lz.get("layers") is None and not lz.get("from_file") and lz.get("file_layers") is None:
-        weights = ({"whole model gathered on every rank (ZeRO-3)": N * p16,
-                    "parameters (partition)": step.get("parameters (partition)", 0)} if stage == 3
+        weights = ({"parameters (partition)": step.get("parameters (partition)", 0), **gathered,
+                    "DeepSpeed prefetch bucket": min(PREFETCH_BUCKET, N) * p16} if stage == 3
                    else {"parameters": N * pb})
         phases["selection"] = {"per_gpu": {**weights, **forward},
                                "host": {k: v for k, v in host.items() if k.startswith("model loading")}}
@@ -677,12 +677,6 @@ def _suggestions(cfg, hw: Hardware) -> list[str]:
     T = int(base.train.pack_length)
     stage = int(base.deepspeed.get("stage", 0))
     candidates: list[tuple[str, dict]] = []
-    lz = base.lazy
-    if lz.get("layers") is None and not lz.get("from_file") and lz.get("file_layers") is None:
-        # selection in the trainer holds the whole model (ZeRO-3: gathered on every rank); a selection made
-        # beforehand by launch/select_lazy.py (one model copy per process, nothing else) is read instead
-        candidates.append(("lazy.from_file=<lazy_layers.json of launch/select_lazy.py>",
-                           {"lazy.from_file": "lazy_layers.json"}))
     if not base.train.get("gradient_checkpointing"):
         candidates.append(("train.gradient_checkpointing=true", {"train.gradient_checkpointing": True}))
     if stage and stage < 3:

@@ -54,32 +54,30 @@ def test_shipped_32b_recipes_fit_on_8_gpus_of_80_gb(experiment):
 
 
 def test_the_plan_counts_every_phase_of_the_run_and_its_verdict_is_the_largest():
-    """QwQ-32B, the shipped full fine-tune on 8 x 80 GB. Selecting inside the trainer gathers the whole bf16 model
-    on every GPU beside its ZeRO-3 partition: that phase alone is over budget although the training step fits, so
-    the run is refused and the first suggestion reads a selection made beforehand. The recipe does that, and its
-    evaluations (partitioned: one module gathered) and export (one module per GPU; one shard on the writer's host)
-    stay below the step."""
-    N = _qwen2_params(5120, 27648, 64, 40, 8, 152064)
-    largest = 152064 * 5120
-    selecting = plan_memory(_cfg(["+experiment=qwq_still", "lazy.from_file=null"]), H100x8)
-    sel = selecting.phases["selection"]["per_gpu"]
-    assert sel["whole model gathered on every rank (ZeRO-3)"] == N * 2
-    assert sel["parameters (partition)"] == selecting.per_gpu["parameters (partition)"]
-    assert selecting.per_gpu_total < selecting.device_budget < selecting.peak_per_gpu
-    assert not selecting.fits and selecting.suggestions[0].startswith("lazy.from_file=")
-    assert "selection" in selecting.table() and "does NOT fit" in selecting.table()
+    """QwQ-32B, the shipped full fine-tune on 8 x 80 GB: selection (before the engine: the partition, one module
+    gathered, a forward without gradients), the evaluations (the engine's states besides) and the export (one
+    module per GPU; one shard on the writer's host) each below the training step, which is the verdict. A phase
+    over budget refuses the run although the step fits."""
+    import dataclasses
 
+    largest = 152064 * 5120
     p = plan_memory(_cfg(["+experiment=qwq_still"]), H100x8)
-    assert "selection" not in p.phases and p.fits
-    ev, ex = p.phases["evaluation (before / after)"], p.phases["export"]
-    assert ev["per_gpu"]["one module gathered (ZeRO-3)"] == ex["per_gpu"]["one module gathered (ZeRO-3)"] == largest * 2
+    assert set(p.phases) == {"selection", "evaluation (before / after)", "export"} and p.fits
+    sel, ev, ex = p.phases["selection"], p.phases["evaluation (before / after)"], p.phases["export"]
+    module = {"one module gathered (ZeRO-3)": largest * 2}
+    assert sel["per_gpu"].items() >= {**module, "parameters (partition)": p.per_gpu["parameters (partition)"]}.items()
+    assert ev["per_gpu"].items() >= module.items() and ex["per_gpu"].items() >= module.items()
     assert ex["host"]["export writer (one shard + one module)"] == planner.EXPORT_SHARD + largest * 2
     states = sum(v for k, v in p.per_gpu.items() if k in planner.STATE_PARTS)
     assert sum(ex["per_gpu"].values()) == states + largest * 2
     assert p.peak_per_gpu == p.per_gpu_total  # the step is the largest phase
-    assert set(p.to_json()["phases"]) == {"evaluation (before / after)", "export"}
-    no_eval = plan_memory(_cfg(["+experiment=qwq_still", "validation.enabled=false"]), H100x8)
-    assert set(no_eval.phases) == {"export"}
+    assert set(p.to_json()["phases"]) == set(p.phases) and "export" in p.table()
+    given = plan_memory(_cfg(["+experiment=qwq_still", "lazy.layers=[0,1]", "validation.enabled=false"]), H100x8)
+    assert set(given.phases) == {"export"}
+    # a phase alone over budget: a budget between the step and the (enlarged) selection phase
+    p.phases["selection"]["per_gpu"]["forward without gradients (one layer + head chunk)"] += 70 * 2**30
+    assert p.per_gpu_total < p.device_budget < p.peak_per_gpu and not p.fits
+    assert dataclasses.replace(p, hardware=Hardware(gpus=8, gpu_memory_gb=200)).fits
 
 
 def _real_saved_bytes(layer, x, pe, pos):

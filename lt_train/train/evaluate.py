@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from ..data import Example
-from ..distributed import all_reduce_sum
+from ..distributed import all_reduce_sum, share
 from ..eval.grader import grade_integer
 from ..eval.sampling import GenSettings, build_prompt, generate_batch
 from ..nll import token_nll
@@ -18,21 +18,12 @@ from ..nll import token_nll
 HEAD_CHUNK = 1024  # tokens per LM-head call in the NLL (no T x vocab logits)
 
 
-def _my_share(n: int, rank: int, world: int, lockstep: bool) -> list[tuple[int, bool]]:
-    """(index, counted) of this rank's items: i = rank, rank + world, ...; under lockstep padded with item 0,
-    not counted, to the longest share."""
-    mine = [(i, True) for i in range(rank, n, world)]
-    if lockstep:
-        mine += [(0, False)] * (math.ceil(n / world) - len(mine))
-    return mine
-
-
 def heldout_nll(model, encoded, rank: int = 0, world: int = 1, lockstep: bool = False) -> float:
     """Mean NLL on the response tokens of encoded examples (token-weighted over all of them)."""
     dev = next(model.parameters()).device
     n_chunks = math.ceil(max(len(e.input_ids) for e in encoded) / HEAD_CHUNK) if lockstep else None
     total = count = 0.0
-    for i, counted in _my_share(len(encoded), rank, world, lockstep):
+    for i, counted in share(len(encoded), rank, world, lockstep):
         e = encoded[i]
         t, c = token_nll(model, e.input_ids.to(dev), labels=e.labels[None].to(dev), chunk=HEAD_CHUNK,
                          n_chunks=n_chunks)
@@ -51,7 +42,7 @@ def demo_accuracy(model, tokenizer, problems: list[Example], max_new_tokens: int
     gs = GenSettings(1, True, 0.0, 1.0, 0, max_new_tokens, batch_size, 0, None, None)
     batches = [problems[s : s + batch_size] for s in range(0, len(problems), batch_size)]
     correct = 0
-    for b, counted in _my_share(len(batches), rank, world, lockstep):
+    for b, counted in share(len(batches), rank, world, lockstep):
         chunk = batches[b]
         out = generate_batch(model, tokenizer, [build_prompt(tokenizer, p.question) for p in chunk], gs,
                              seeds=[0] * len(chunk), lockstep=lockstep)

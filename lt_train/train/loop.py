@@ -82,7 +82,7 @@ def row_seed(seed: int, row) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{row}".encode()).digest()[:7], "little")
 
 
-def _choose_lazy(cfg, model, train_encoded, out_dir, rank) -> list[int]:
+def _choose_lazy(cfg, model, train_encoded, out_dir, rank, lockstep: bool = False) -> list[int]:
     lz = cfg.lazy
     if lz.get("layers") is not None:
         return [int(i) for i in lz.layers]
@@ -92,7 +92,8 @@ def _choose_lazy(cfg, model, train_encoded, out_dir, rank) -> list[int]:
         return layers
     samples = [e.input_ids for e in train_encoded[: lz.get("max_samples") or len(train_encoded)]]
     sel = select_with_stats(model, samples, lz.num_lazy, lz.strategy, lz.sink_tokens, lz.recent_tokens,
-                            lz.last_queries, lz.seed, lz.get("nll_samples", 4), progress=rank == 0)
+                            lz.last_queries, lz.seed, lz.get("nll_samples", 4), progress=rank == 0,
+                            lockstep=lockstep)
     if rank == 0:
         atomic_write_json(os.path.join(out_dir, "lazy_layers.json"),
                           {"lazy_layers": sel.layers, "strategy": sel.strategy, "per_layer_ratio": sel.per_layer_ratio,
@@ -178,16 +179,23 @@ def _selects(cfg) -> bool:
 
 
 @contextlib.contextmanager
-def _full_weights(model, enabled: bool):
-    """All parameters gathered on every rank for the block (ZeRO-3 partitioned model); a no-op otherwise. Every
-    rank must enter (the gather is a collective); changes to the weights inside are discarded."""
-    if not enabled:
+def _partitioned_forwards(model, ds_config: dict | None):
+    """Forwards of a ZeRO-3 partitioned model before its engine exists (selection): DeepSpeed's own parameter
+    hooks (`DeepSpeedZeRoOffload`, what the engine installs) gather each module's weights for its call and
+    release them after, so no rank holds more than the modules in hand; the hooks go when the block ends, the
+    engine then installs its own. A no-op without ZeRO-3. Every rank must make the same forwards (lockstep)."""
+    if ds_config is None:
         yield
         return
-    import deepspeed
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
 
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+    from ..plan import PREFETCH_BUCKET
+
+    hooks = DeepSpeedZeRoOffload(model, timers=None, ds_config=None, prefetch_bucket_size=PREFETCH_BUCKET)
+    try:
         yield
+    finally:
+        hooks.destroy()
 
 
 def check_plan(cfg, world_size: int, rank: int):
@@ -301,11 +309,10 @@ def train(cfg) -> dict:
                               max_steps=cfg.validation.accuracy_max_steps) if cfg.validation.accuracy_problems else [])
 
     results: dict = {}
-    # Selection runs forwards before the engine exists: under ZeRO-3 every rank gathers the whole model for it
-    # (give lazy.layers or lazy.from_file for a model that does not fit whole on one GPU). The evaluations run
-    # later, on the engine's partitioned model.
-    with _full_weights(model, zero3 and _selects(cfg)):
-        lazy = _choose_lazy(cfg, model, train_enc, out_dir, rank)
+    # Selection runs forwards before the engine exists: under ZeRO-3 on the partitioned model, one module's
+    # weights gathered at a time, every rank in step. The evaluations run later, on the engine's model.
+    with _partitioned_forwards(model, ds_config if zero3 and _selects(cfg) else None):
+        lazy = _choose_lazy(cfg, model, train_enc, out_dir, rank, lockstep=zero3)
         barrier()
     hc = HybridConfig(lazy, cfg.lazy.sink_tokens, cfg.lazy.recent_tokens, cfg.lazy.get("backend", "auto"))
     convert_to_hybrid(model, hc)
