@@ -43,7 +43,7 @@ def lm_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: i
 
 
 def zero3_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, scale: float,
-                        chunk: int = 1024, shifted: bool = False) -> torch.Tensor:
+                        chunk: int = 1024, shifted: bool = False, length: int | None = None) -> torch.Tensor:
     """`lm_head_loss_sum` x `scale` under DeepSpeed ZeRO-3, through DeepSpeed's own tiled loss
     (`TiledFusedLogitsLoss`, ALST): chunk by chunk, the head runs forward and backward at once while ZeRO-3 holds
     its weight gathered, so neither the T x vocab logits nor a re-run of the head in backward (which would meet
@@ -53,7 +53,14 @@ def zero3_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, scale
 
     head = model.get_output_embeddings()
     x, y = _targets(hidden, labels, shifted)
-    shards = max(1, -(-y.shape[1] // chunk))
+    # Each shard's head call gathers the head's weight (a collective): with `length` (the longest row any rank can
+    # hold) every rank pads to the same length and makes the same number of shards, whatever its row's length
+    n = max(length or 0, y.shape[1])
+    shards = max(1, -(-n // chunk))
+    padded = shards * -(-n // shards)  # torch.chunk (inside the tiled loss) then makes exactly `shards` pieces
+    if padded > y.shape[1]:
+        x = F.pad(x, (0, 0, 0, padded - x.shape[1]))
+        y = F.pad(y, (0, padded - y.shape[1]), value=-100)
 
     def fn(head_module, xs, ys):
         logits = head_module(xs).float()

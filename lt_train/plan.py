@@ -464,11 +464,17 @@ def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> 
     from .lazy_ratio import resolve_num_lazy
 
     explicit = lz.get("layers") if lz.get("layers") is not None else lz.get("file_layers")  # file: validate()
+    S, W = int(lz.get("sink_tokens", 4)), int(lz.get("recent_tokens", 1020))
+    if explicit is None and lz.get("from_file") and os.path.isfile(str(lz.from_file)):  # not validated (plan job)
+        from .lazy import read_selection
+
+        sel = read_selection(str(lz.from_file), "lazy.from_file")
+        explicit = sel["lazy_layers"]
+        S, W = int(sel.get("sink_tokens", S)), int(sel.get("recent_tokens", W))
     n_lazy = len(explicit) if explicit is not None else resolve_num_lazy(lz.get("num_lazy", 0.5), L)
     backend = lz.get("backend", "auto") or "auto"
     if backend == "auto":
         backend = "flex" if hw.gpus else "sdpa"  # packed rows on GPU: flex (flash_attn if installed saves the same)
-    S, W = int(lz.get("sink_tokens", 4)), int(lz.get("recent_tokens", 1020))
 
     if mode == "lora":
         model = _meta_lora(model, lora)

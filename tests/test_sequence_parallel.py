@@ -237,8 +237,9 @@ def test_tiled_mlps_give_the_same_gradients(mode, length):
 
 
 def test_a_tiled_mlp_run_of_two_processes_evaluates_on_one_rank_and_ends(tmp_path):
-    """ZeRO-2, two processes, tiled MLPs, validation on: the evaluations that rank 0 runs alone (before and after
-    training, on the trained model whose MLPs are tiled) call no collective, so the run ends."""
+    """ZeRO-2, two processes, tiled MLPs, validation on: the evaluations (before and after training, on the trained
+    model whose MLPs are tiled) run the plain MLP and call no collective of their own, so the run ends (with a
+    collective in every MLP call it hung, the ranks' evaluations making different numbers of calls)."""
     proc = run_train(tmp_path, ["train=full", "train.max_steps=2", "train.save_every=0", "deepspeed=zero2",
                                 "train.tiled_mlp=true", "validation.accuracy_problems=2"], nproc=2, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

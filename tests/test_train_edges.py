@@ -167,6 +167,8 @@ def test_resuming_with_another_step_size_is_refused_and_the_same_size_resumes(tm
     ("lazy.last_queries=0", "lazy.last_queries must be an integer >= 1"),
     ("lazy.nll_samples=0", "lazy.nll_samples must be an integer >= 1"),
     ("distributed.timeout_minutes=0", "distributed.timeout_minutes must be > 0"),
+    ("lazy.num_lazy=null", "lazy.num_lazy is not set"),
+    ("validation.heldout=0", "validation.heldout=0: the evaluations need at least one held-out example"),
 ])
 def test_every_lazy_setting_is_checked_before_anything_loads(override, message):
     from lt_train.train.config import validate
@@ -182,8 +184,10 @@ def test_zero3_selects_evaluates_and_exports_without_gathering_more_than_a_layer
     """Two ZeRO-3 processes with `nll` selection (3 samples and 5 layers shared unevenly over 2 ranks) and
     validation on (held-out NLL and demo answers: 3 rows and 3 batches), against one plain process with the same
     rows per step: the same selection statistics, the same evaluations before and after training, and an
-    exported model with the same logits. No rank ever holds more parameter elements gathered at once than one
-    decoder layer has (counted around every `GatheredParameters`); before, selection and the evaluations
+    exported model with the same logits, and the same per-step losses on training rows of different lengths
+    (every rank pads to pack_length for the head's chunks). With no parameter kept gathered, every module call
+    is a collective: ranks out of step hang. No rank ever holds more parameter elements gathered at once than
+    one decoder layer has (counted around every `GatheredParameters`); before, selection and the evaluations
     gathered the whole model on every rank, and the export gathered all trainable weights."""
     from lt_train import load_hybrid
     from lt_train.models import tiny_model, tiny_tokenizer
@@ -191,8 +195,9 @@ def test_zero3_selects_evaluates_and_exports_without_gathering_more_than_a_layer
     ckpt = tmp_path / "tiny"  # a checkpoint, so zero.Init loads the same weights as the plain process
     tiny_model("llama", num_layers=5).save_pretrained(ckpt)
     tiny_tokenizer().save_pretrained(ckpt)
-    common = [f"model={ckpt}", f"train={mode}", "train.max_steps=2", "train.save_every=0", "train.lr=1e-3",
-              "lazy.layers=null", "lazy.strategy=nll", "lazy.num_lazy=2", "lazy.max_samples=3", "lazy.nll_samples=3",
+    # rows of 1690, 1805 and 2200 tokens: two or three LM-head chunks per row
+    common = [f"model={ckpt}", f"train={mode}", "train.max_steps=3", "train.save_every=0", "train.lr=1e-3",
+              "data.max_length=2200", "train.pack_length=2300", "lazy.layers=null", "lazy.strategy=nll", "lazy.num_lazy=2", "lazy.max_samples=3", "lazy.nll_samples=3",
               "validation.heldout=3", "validation.accuracy_problems=3", "validation.batch_size=1",
               "validation.max_new_tokens=12"]
     _ok(run_train(tmp_path / "plain", common + ["train.grad_accum=2"]))
@@ -200,7 +205,9 @@ def test_zero3_selects_evaluates_and_exports_without_gathering_more_than_a_layer
     probe.mkdir()
     env = {"LT_GATHER_PROBE": str(probe), "PYTHONPATH": os.pathsep.join(
         [os.path.join(ROOT, "tests", "fixtures", "gather_probe"), os.environ.get("PYTHONPATH", "")])}
-    _ok(run_train(tmp_path / "z3", common + ["deepspeed=zero3", "train.grad_accum=1"], nproc=2, env=env,
+    # every parameter partitioned (no small ones kept gathered), so every module call is a gather
+    _ok(run_train(tmp_path / "z3", common + ["deepspeed=zero3", "train.grad_accum=1",
+                                             "deepspeed.param_persistence_threshold=0"], nproc=2, env=env,
                   timeout=300))  # ranks out of step hang at a gather
 
     def results(d):
@@ -212,6 +219,7 @@ def test_zero3_selects_evaluates_and_exports_without_gathering_more_than_a_layer
     assert selection(tmp_path / "z3")["delta_nll"] == pytest.approx(selection(tmp_path / "plain")["delta_nll"],
                                                                     rel=1e-5, abs=1e-7)
     assert selection(tmp_path / "z3")["lazy_layers"] == selection(tmp_path / "plain")["lazy_layers"]
+    assert losses(tmp_path / "z3") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
     plain, z3 = results(tmp_path / "plain"), results(tmp_path / "z3")
     assert set(z3) == {"full, before", "hybrid, before", "full, after", "hybrid, after"}
     for k in plain:
@@ -256,3 +264,57 @@ def test_two_nodes_with_their_own_caches_train_like_one_node_and_resume_a_preemp
     for node in run_two_nodes(tmp_path / "pre", args, caches):
         _ok(node)
     assert losses(tmp_path / "pre") == pytest.approx(one, rel=1e-6)
+
+
+@pytest.mark.parametrize("epochs,max_steps,per_step", [(1, 30, 1), (2, 30, 1), (3, 7, 4), (2, None, 3)])
+def test_the_schedule_holds_a_row_for_every_step_of_every_rank(epochs, max_steps, per_step):
+    """More steps than the configured epochs hold: the rows go on cycling through whole new epochs (each a
+    reshuffle of the same packing), so every step finds its rows; with train.epochs alone, whole steps only."""
+    from omegaconf import OmegaConf
+
+    from lt_train.train.loop import schedule_rows
+
+    lengths = [300, 700, 200, 900, 400, 500, 100, 800, 650, 350] * 2  # 10 rows of 1000 tokens per epoch
+    tr = OmegaConf.create({"epochs": epochs, "max_steps": max_steps, "pack_length": 1000})
+    rows, steps = schedule_rows(tr, lengths, 0, per_step)
+    assert steps == (max_steps or (10 * epochs) // per_step)
+    assert len(rows) >= steps * per_step and len(rows) % 10 == 0
+    one = sorted(map(sorted, rows[:10]))
+    assert all(sorted(map(sorted, rows[e * 10:(e + 1) * 10])) == one for e in range(len(rows) // 10))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_export_writes_shards_that_load_as_peft_merges_them_and_replaces_an_older_export(tmp_path, lora):
+    """write_model with 40 KB shards (several files and transformers' index) into a folder that holds an older
+    single-file export: transformers loads exactly the model's weights (LoRA: what peft's merge_and_unload gives),
+    and nothing of the older export is left to shadow them."""
+    import copy
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from lt_train.models import tiny_model, tiny_tokenizer
+    from lt_train.train.final_weights import saved_names, write_model
+
+    model = tiny_model("qwen2")  # q/k/v biases, untied head
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                 target_modules=["q_proj", "v_proj", "down_proj"]))
+        reference = copy.deepcopy(model).merge_and_unload()
+    else:
+        reference = model
+    out = tmp_path / "model"
+    out.mkdir()
+    save_file({"model.norm.weight": torch.zeros(64)}, str(out / "model.safetensors"))  # an older export
+    write_model(model, str(out), 0, 0, zero3=False, tokenizer=tiny_tokenizer(), shard_bytes=40_000)
+    files = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" not in files and "model.safetensors.index.json" in files
+    assert len([f for f in files if f.endswith(".safetensors")]) > 3 and "tokenizer.json" in files
+    assert not [p for p in tmp_path.iterdir() if p.name != "model"]  # no partial or old folder left
+    want = reference.state_dict()
+    assert saved_names(str(out)) == sorted(want)
+    loaded = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
+    for k, v in want.items():
+        torch.testing.assert_close(loaded[k], v, rtol=0, atol=0)

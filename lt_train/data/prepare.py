@@ -115,14 +115,14 @@ def prepare(dcfg, tokenizer, tokenizer_name: str, cache_root: str, progress: boo
     ds.save_to_disk(tmp)
     atomic_write_json(os.path.join(tmp, "lt_stats.json"), asdict(stats))
     os.makedirs(cache_root, exist_ok=True)
-    if not os.path.exists(stats_path):
-        shutil.rmtree(path, ignore_errors=True)  # an incomplete folder left by a crash
     try:
         os.replace(tmp, path)  # the cache appears complete or not at all
-    except OSError:
-        if not os.path.exists(stats_path):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another writer published the same cache first
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.exists(stats_path):  # not another writer's cache: something else is in the way
+            raise RuntimeError(f"the tokenised data cache {path} exists but is incomplete (no lt_stats.json); "
+                               "delete that folder and rerun") from e
+        # another writer published the same cache first: keep theirs
     return datasets.load_from_disk(path), stats, path
 
 

@@ -69,9 +69,11 @@ def validate(cfg, world_size: int) -> None:
 
         sequence_parallel.check(n_sp, world_size, text_config_of(cfg.model), cfg.model.get("attn_implementation"),
                                 int(tr.pack_length), stage)
+    if cfg.validation.get("enabled") and int(cfg.validation.get("heldout", 0)) < 1:
+        raise ValueError(f"validation.heldout={cfg.validation.get('heldout')}: the evaluations need at least one "
+                         "held-out example (or validation.enabled=false)")
     layers = lz.get("layers")
-    if layers is not None or lz.get("from_file") or lz.get("num_lazy") is not None:
-        n = num_layers_of(cfg.model)
+    n = num_layers_of(cfg.model)
     if layers is not None:
         _in_range(layers, n, "lazy.layers")
     elif lz.get("from_file"):
@@ -79,6 +81,9 @@ def validate(cfg, world_size: int) -> None:
     else:
         from ..lazy_ratio import resolve_num_lazy
 
+        if lz.get("num_lazy") is None:
+            raise ValueError("lazy.num_lazy is not set: give a count or a fraction of the layers to select, or "
+                             "lazy.layers / lazy.from_file")
         try:
             resolve_num_lazy(lz.num_lazy, n)
         except ValueError as e:
@@ -136,5 +141,8 @@ def _validate_lazy(cfg) -> None:
                 raise ValueError(f"lazy.{key}={lz[key]} on the command line, but lazy.from_file={lz.from_file} was "
                                  f"selected with {key}={sel[key]}: its layers are lazy for that value. Drop "
                                  f"lazy.{key}, or select again with it")
+            if int(lz[key]) != int(sel[key]):
+                print(f"lazy.{key}: {sel[key]} from lazy.from_file={lz.from_file} (the config said {lz[key]})",
+                      flush=True)
             lz[key] = int(sel[key])
         lz.file_layers = [int(i) for i in sel["lazy_layers"]]

@@ -80,6 +80,9 @@ def deepspeed_config(ds_cfg, train_cfg, grad_accum: int, sequence_parallel: int 
     zero = {"stage": stage, "reduce_bucket_size": REDUCE_BUCKET, "allgather_bucket_size": ALLGATHER_BUCKET}
     if stage == 3:
         zero["stage3_prefetch_bucket_size"] = PREFETCH_BUCKET
+        # parameters below this many elements stay gathered for the whole run (DeepSpeed's default, 1e5: norms
+        # and biases); 0 gathers every module per call, the strictest test of ranks in step
+        zero["stage3_param_persistence_threshold"] = int(ds_cfg.get("param_persistence_threshold", 100_000))
     if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if ds_cfg.get("offload_optimizer"):

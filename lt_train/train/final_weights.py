@@ -115,15 +115,21 @@ class _ShardWriter:
                           {"metadata": {"total_size": self.total}, "weight_map": weight_map})
 
 
-def write_model(model, path: str, writer_rank: int, rank: int, zero3: bool,
+def write_model(model, path: str, writer_rank: int, rank: int, zero3: bool, tokenizer=None,
                 shard_bytes: int = SHARD_BYTES) -> None:
-    """Write `model` (the trained module, LoRA merged) to `path` as safetensors + config. Every rank calls this
-    (under ZeRO-3 each gather is a collective); only `writer_rank` writes."""
+    """Write `model` (the trained module, LoRA merged) to `path` as safetensors + config (+ tokenizer). Every rank
+    calls this (under ZeRO-3 each gather is a collective); only `writer_rank` writes, into a folder beside `path`
+    that replaces it once complete: a crash leaves the previous export (or none), never a mix of old and new
+    shards."""
+    import shutil
+
     plain = model.get_base_model() if hasattr(model, "get_base_model") else model
     writer = None
+    partial = f"{path.rstrip('/')}.partial-{os.getpid()}"
     if rank == writer_rank:
-        os.makedirs(path, exist_ok=True)
-        writer = _ShardWriter(path, shard_bytes)
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+        writer = _ShardWriter(partial, shard_bytes)
     for _, module, own, lora in _units(model):
         with _gathered([p for _, p in own], zero3):
             if writer is not None:
@@ -131,10 +137,17 @@ def write_model(model, path: str, writer_rank: int, rank: int, zero3: bool,
     if writer is None:
         return
     writer.close()
-    plain.config.save_pretrained(path)
+    plain.config.save_pretrained(partial)
     gen = getattr(plain, "generation_config", None)
     if gen is not None:
-        gen.save_pretrained(path)
+        gen.save_pretrained(partial)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(partial)
+    old = f"{path.rstrip('/')}.old-{os.getpid()}"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(partial, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def adapter_state(model, zero3: bool) -> dict[str, torch.Tensor]:

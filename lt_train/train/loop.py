@@ -60,18 +60,20 @@ def plan_rows(lengths: list[int], pack_length: int, seed: int, epochs: int) -> l
     return rows
 
 
-def token_loss_sum(model, inputs: dict, zero3_scale: float | None = None, engine=None) -> torch.Tensor:
+def token_loss_sum(model, inputs: dict, zero3_scale: float | None = None, engine=None,
+                   length: int | None = None) -> torch.Tensor:
     """Sum of token NLLs of model inputs with `labels` (a packed row) or `shift_labels` (a sequence-parallel
     shard), the LM head applied in chunks (`nll.lm_head_loss_sum`). Under ZeRO-3 pass `zero3_scale` (the step's
     loss scale): DeepSpeed's tiled loss then returns the sum already scaled, its head gradient computed inside
     the call (`nll.zero3_head_loss_sum`). `engine`: run the decoder through the training engine's forward (its
-    per-micro-step bookkeeping; see engine.py)."""
+    per-micro-step bookkeeping; see engine.py). `length`: the longest row a rank can hold, so that under ZeRO-3
+    every rank makes as many head calls."""
     inputs = dict(inputs, use_cache=False)
     shifted = "shift_labels" in inputs
     labels = inputs.pop("shift_labels" if shifted else "labels")
     hidden = engine.hidden_states(inputs) if engine is not None else decoder_of(model)(**inputs).last_hidden_state
     if zero3_scale is not None:
-        return zero3_head_loss_sum(model, hidden, labels, zero3_scale, shifted=shifted)
+        return zero3_head_loss_sum(model, hidden, labels, zero3_scale, shifted=shifted, length=length)
     return lm_head_loss_sum(model, hidden, labels, shifted=shifted)
 
 
@@ -149,9 +151,7 @@ def _export(cfg, model, tok, out_dir: str, rank: int, zero3: bool) -> None:
         state = adapter_state(model, zero3)  # every rank takes part: ZeRO-3 gathers
         if rank == 0:
             model.save_pretrained(os.path.join(out_dir, "adapter"), state_dict=state)
-    write_model(model, os.path.join(out_dir, "model"), 0, rank, zero3)
-    if rank == 0:
-        tok.save_pretrained(os.path.join(out_dir, "model"))
+    write_model(model, os.path.join(out_dir, "model"), 0, rank, zero3, tokenizer=tok)
     barrier()
 
 
@@ -191,10 +191,13 @@ def _partitioned_forwards(model, ds_config: dict | None):
 
     from ..plan import PREFETCH_BUCKET
 
-    hooks = DeepSpeedZeRoOffload(model, timers=None, ds_config=None, prefetch_bucket_size=PREFETCH_BUCKET)
+    zero = ds_config["zero_optimization"]
+    hooks = DeepSpeedZeRoOffload(model, timers=None, ds_config=None, prefetch_bucket_size=PREFETCH_BUCKET,
+                                 param_persistence_threshold=zero["stage3_param_persistence_threshold"])
     try:
         yield
     finally:
+        hooks.partition_all_parameters()  # nothing left gathered: the engine starts from partitions alone
         hooks.destroy()
 
 
@@ -262,8 +265,9 @@ def schedule_rows(tr, lengths: list[int], seed: int, per_step: int) -> tuple[lis
             f"tokens ({epochs} epoch(s)), fewer than one optimizer step takes ({per_step} rows: train.grad_accum or "
             "train.global_batch over the processes): no step would train. Add data or train.epochs, lower the "
             "step size, or set train.max_steps")
-    if max_steps * per_step > len(rows):  # more steps than one pass: keep cycling through more epochs
-        rows = plan_rows(lengths, tr.pack_length, seed, math.ceil(max_steps * per_step / len(rows)))
+    if max_steps * per_step > len(rows):  # more steps than the epochs hold: keep cycling through more epochs
+        per_epoch = len(rows) // epochs
+        rows = plan_rows(lengths, tr.pack_length, seed, math.ceil(max_steps * per_step / per_epoch))
     return rows, max_steps
 
 
@@ -381,7 +385,8 @@ def train(cfg) -> dict:
                 row = step * per_step + rank * grad_accum + m if not sp else (step, rank, m)
                 torch.manual_seed(row_seed(seed, row))
                 if zero3:  # DeepSpeed's tiled loss: the head's backward runs inside, already scaled
-                    scaled = token_loss_sum(model, inputs, zero3_scale=scale, engine=engine)
+                    scaled = token_loss_sum(model, inputs, zero3_scale=scale, engine=engine,
+                                            length=int(tr.pack_length) // n_sp)
                 else:
                     scaled = token_loss_sum(model, inputs, engine=engine) * scale
                 micro_loss = float(scaled.detach()) / scale  # host sync, once per micro-batch
