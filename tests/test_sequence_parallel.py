@@ -249,10 +249,17 @@ def test_a_tiled_mlp_run_of_two_processes_evaluates_on_one_rank_and_ends(tmp_pat
 
 @pytest.mark.slow
 def test_tiled_mlp_run_under_zero3_and_ulysses_equals_one_process(tmp_path, tiny_ckpt):
+    """Validation on, every parameter gathered per call (persistence threshold 0): the run ends, with the losses
+    and the evaluations of one process."""
     common = [f"model={tiny_ckpt}", "train=full", "train.max_steps=2", "train.save_every=0",
-              "validation.enabled=false", "train.lr=1e-3", "train.global_batch=2"]
+              "validation.heldout=3", "validation.accuracy_problems=3", "validation.batch_size=1",
+              "validation.max_new_tokens=12", "train.lr=1e-3", "train.global_batch=2"]
     assert run_train(tmp_path / "plain", common).returncode == 0
-    sp = run_train(tmp_path / "sp", common + ["deepspeed=zero3", "train.sequence_parallel=2", "train.tiled_mlp=true"],
-                   nproc=2)
+    sp = run_train(tmp_path / "sp", common + ["deepspeed=zero3", "train.sequence_parallel=2", "train.tiled_mlp=true",
+                                              "deepspeed.param_persistence_threshold=0"], nproc=2, timeout=600)
     assert sp.returncode == 0, sp.stdout[-3000:] + sp.stderr[-3000:]
     _same_steps(tmp_path / "plain", tmp_path / "sp")
+    results = [json.loads((tmp_path / d / "summary.json").read_text())["results"] for d in ("plain", "sp")]
+    assert results[0].keys() == results[1].keys() and len(results[0]) == 4
+    for k, v in results[0].items():
+        assert results[1][k]["heldout_nll"] == pytest.approx(v["heldout_nll"], abs=2e-4), k

@@ -318,3 +318,14 @@ def test_the_export_writes_shards_that_load_as_peft_merges_them_and_replaces_an_
     loaded = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
     for k, v in want.items():
         torch.testing.assert_close(loaded[k], v, rtol=0, atol=0)
+
+
+def test_a_lora_run_can_save_the_adapter_alone(tmp_path):
+    from peft import PeftModel
+
+    from lt_train.models import tiny_model
+
+    _ok(run_train(tmp_path, ["train=lora", "train.max_steps=1", "train.save_every=0", "validation.enabled=false",
+                             "train.save_merged=false"]))
+    assert not (tmp_path / "model").exists() and (tmp_path / "adapter" / "adapter_config.json").exists()
+    PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "adapter"))  # loads onto the base

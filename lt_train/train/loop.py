@@ -151,6 +151,11 @@ def _export(cfg, model, tok, out_dir: str, rank: int, zero3: bool) -> None:
         state = adapter_state(model, zero3)  # every rank takes part: ZeRO-3 gathers
         if rank == 0:
             model.save_pretrained(os.path.join(out_dir, "adapter"), state_dict=state)
+            tok.save_pretrained(os.path.join(out_dir, "adapter"))
+        if not cfg.train.get("save_merged", True):
+            _log(rank, f"train.save_merged=false: adapter only ({out_dir}/adapter)")
+            barrier()
+            return
     write_model(model, os.path.join(out_dir, "model"), 0, rank, zero3, tokenizer=tok)
     barrier()
 
