@@ -169,14 +169,6 @@ class DeepSpeedEngine:
         if path is None:
             raise ValueError(f"DeepSpeed could not load the checkpoint {d}")
 
-    def trainable_state(self) -> dict:
-        """Full trainable parameters on every rank (gathered under ZeRO-3)."""
-        import deepspeed
-
-        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters([p for _, p in named], enabled=self.stage == 3):
-            return {n: p.detach().cpu().clone() for n, p in named}
-
 
 def save_checkpoint(engine, root: str, step: int, state: dict, keep: int = 2) -> str | None:
     """All ranks write into a temporary directory; rank 0 renames it into place once everyone is done."""
