@@ -680,3 +680,25 @@ def test_hybrid_layers_from_a_selection_file_use_its_sink_and_window(tmp_path):
         job.hybrid_from_config(_cfg(TINY + [f"hybrid.from_file={tmp_path / 'none.json'}"]).hybrid)
     with pytest.raises(ValueError, match="set one of"):
         job.hybrid_from_config(_cfg(TINY + [f"hybrid.from_file={good}", "hybrid.lazy_layers=[1]"]).hybrid)
+
+
+def test_a_run_stores_and_votes_the_answer_it_grades(tmp_path, monkeypatch):
+    """Demo problems (integer answers, graded as aime), four samples each, every one ending "The answer is N."
+    (no box): the run grades them right, stores N as each sample's answer, and votes N: pass@1 = maj@4 = 1."""
+    problems = load_problems(_cfg(["eval=demo", "eval.num_problems=2"]).eval)
+
+    def phrased(model, tok, prompts, gs, seeds):
+        batch = next(rows for rows in plan_batches(2, 4, gs.batch_size)
+                     if [runner.sample_seed(gs.seed, p, s, gs.n_samples) for p, s in rows] == seeds)
+        texts = [f"Adding up the steps gives it. The answer is {problems[p].answer}." for p, _ in batch]
+        return BatchOutput(texts, [10] * len(texts), [True] * len(texts), 0.5, 1000)
+
+    monkeypatch.setattr(runner, "generate_batch", phrased)
+    res = job.run(_cfg(["model=tiny", "eval=demo", "eval.num_problems=2", "eval.n_samples=4", "eval.batch_size=4",
+                        f"output_dir={tmp_path}"]), conf_dir=CONF)
+    m = res["tiny"]["metrics"]
+    assert m["pass@1"] == 1.0 and m["maj@4"] == 1.0
+    samples = [json.loads(line) for line in open(os.path.join(res["tiny"]["dir"], "samples.jsonl"))
+               if line.strip().startswith("{\"problem\"")]
+    assert len(samples) == 8
+    assert all(s["answer"] == str(problems[s["index"]].answer) and s["correct"] for s in samples)

@@ -21,7 +21,7 @@ from lt_train.eval.grader import Grader, extract_answer, grade
     ("unbalanced \\boxed{3 + {4", None),
 ])
 def test_extract_answer(text, expected):
-    assert extract_answer(text) == expected
+    assert extract_answer(text, "math") == expected
 
 
 @pytest.mark.parametrize("output,ref,ok", [
@@ -138,3 +138,60 @@ def test_agreement_with_source_verdicts_on_real_outputs():
     assert len(rows) >= 600
     assert disagree == {d["id"]: d["ours"] for d in fixture}
     print(f"agreement with source verdicts: {len(rows) - len(disagree)}/{len(rows)}")
+
+
+@pytest.mark.parametrize("output,ref,mode,ok", [
+    # the GSM8K few-shot format: the phrase inside an "A:" line is the answer
+    ("Q: ...\nA: She sold 48/2 = 24 clips in May. The answer is 72.", "72", "gsm8k", True),
+    ("A: 18", "18", "gsm8k", True),
+    # units, \text{}, currency and percent signs inside boxes
+    ("\\boxed{18 \\text{ dollars}}", "18", "gsm8k", True),
+    ("\\boxed{\\$18}", "18", "gsm8k", True),
+    ("\\boxed{5\\%}", "5", "gsm8k", True),
+    ("\\boxed{18 km/h}", "18", "gsm8k", True),
+    ("\\boxed{12 cm^2}", "12", "gsm8k", True),
+    ("\\boxed{5 apples and 3 pears}", "5", "gsm8k", False),
+    ("\\boxed{5 or 6}", "5", "gsm8k", False),
+    # commas only as thousands groups
+    ("\\boxed{2, 5}", "25", "aime", False),
+    ("\\boxed{1,2}", "12", "gsm8k", False),
+    ("\\boxed{12,345}", "12345", "gsm8k", True),
+    ("\\boxed{1,000,000}", "1000000", "gsm8k", True),
+    ("The answer is 1,2.", "12", "gsm8k", False),
+    # a correction after the phrase is still refused
+    ("The answer is 72. Wait, that is wrong: 73.", "72", "gsm8k", False),
+    ("\\boxed{3.5}", "3", "aime", False),
+])
+def test_phrasings_units_and_digit_groups(output, ref, mode, ok):
+    assert grade(output, ref, mode) == ok
+
+
+def test_a_reference_that_is_not_a_number_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="reference answer 'seventy' is not a number"):
+        grade("\\boxed{70}", "seventy", "gsm8k")
+    with pytest.raises(ValueError, match="unknown grading mode 'gsm'"):
+        extract_answer("\\boxed{1}", "gsm")
+
+
+def test_the_stored_answer_the_vote_and_pass_at_1_read_one_extraction():
+    """Four samples ending "The answer is 72.": pass@1 1.0, maj@4 right, the stored answer 72 (the vote used
+    extract_answer without the phrased fallback before: maj@4 0 and answers None). And on every real output of
+    ../shared (when present) and the phrasings above, in the numeric modes, the grade is exactly the equality
+    of the keys of the extracted answer and of the reference."""
+    from lt_train.eval.grader import answer_key, reference_key
+    from lt_train.eval.metrics import problem_metrics
+
+    outs = ["Let me think. 8 x 9 = 72. The answer is 72."] * 4
+    answers = [extract_answer(o, "gsm8k") for o in outs]
+    m = problem_metrics([grade(o, "72", "gsm8k") for o in outs], answers, "gsm8k")
+    assert answers == ["72"] * 4 and m["pass@1"] == 1.0 and m["maj_correct"] and m["maj_answer"] == "72"
+    cases = [(o, r, mode) for o, r, mode, _ in test_phrasings_units_and_digit_groups.pytestmark[0].args[1]]
+    path = os.path.join(SHARED_DATA, "model_outputs.jsonl")
+    if os.path.isfile(path):
+        for line in open(path, encoding="utf-8"):
+            r = json.loads(line)
+            if _mode(r["id"]) != "math":
+                cases.append((r["output"], r["answer"], _mode(r["id"])))
+    assert len(cases) > 16
+    for output, ref, mode in cases:
+        assert grade(output, ref, mode) == (answer_key(extract_answer(output, mode), mode) == reference_key(ref, mode))

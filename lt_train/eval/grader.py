@@ -1,10 +1,12 @@
 """Answer extraction and grading. Model output is only ever parsed as text, never passed to eval/exec.
 
-`extract_answer` finds the last \\boxed{...} / \\fbox{...} (nested braces handled), then falls back to
-"final answer is ...", "#### n" and "A: n" lines, and for numeric modes (aime, gsm8k) to the number after a
-closing "The answer is" / "Answer:" / "**Answer:**"; it returns None when there is none, never the whole text.
-`grade(output, reference, mode)` with mode "aime" (an integer 0-999), "gsm8k" (a number) or "math" (symbolic
-or numeric equivalence through math-verify). math-verify's own timeouts use `signal.alarm`, which fails off
+`extract_answer(text, mode)` finds the last \\boxed{...} / \\fbox{...} (nested braces handled), then falls
+back to "final answer is ..." and "#### n" lines, for numeric modes (aime, gsm8k) to the number after a closing
+"The answer is" / "Answer:" / "**Answer:**", then to an "A: n" line; it returns None when there is none, never
+the whole text. `grade(output, reference, mode)` with mode "aime" (an integer 0-999), "gsm8k" (a number) or
+"math" (symbolic or numeric equivalence through math-verify). In the numeric modes an answer is its
+`answer_key` (the number it names: units, `\\text{}`, `$` and `%` set aside, commas only as thousands groups),
+and `grade` is key equality: the stored answer, the majority vote and pass@k all read the same extraction. math-verify's own timeouts use `signal.alarm`, which fails off
 the main thread; here its checks run without them in a worker process that is killed when a check overruns,
 so a timeout works from any thread and counts as wrong (`Grader.timeouts`).
 """
@@ -18,11 +20,13 @@ import threading
 MAX_ANSWER_CHARS = 2000  # longer "answers" are not answers; also bounds the work on pathological outputs
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+MODES = ("aime", "math", "gsm8k")
+NUMERIC = ("aime", "gsm8k")
 _FALLBACKS = [
     re.compile(r"final answer is[:\s]*\$*\s*([^\n$]{1,200}?)\s*\$*\s*(?:\.\s*)?(?:\n|$)", re.IGNORECASE),
     re.compile(r"^####\s*(.{1,200}?)\s*$", re.MULTILINE),
-    re.compile(r"^A:\s*(.{1,200}?)\s*$", re.MULTILINE),
 ]
+_A_LINE = re.compile(r"^A:\s*(.{1,200}?)\s*$", re.MULTILINE)  # the few-shot "Q: ... A: ..." format
 
 
 def extract_boxed(text: str) -> str | None:
@@ -56,9 +60,17 @@ def extract_phrased(text: str) -> str | None:
     return last.group(1)
 
 
-def extract_answer(text: str, phrased: bool = False) -> str | None:
-    """The last box; else the "final answer is" / "#### n" / "A: n" lines; else (`phrased`, numeric modes)
-    the number after a closing "the answer is" / "Answer:"."""
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown grading mode {mode!r}; use one of {MODES}")
+    return mode
+
+
+def extract_answer(text: str, mode: str) -> str | None:
+    """The answer `grade` compares for `mode`: the last box; else the "final answer is" / "#### n" lines; else
+    (numeric modes) the number after a closing "the answer is" / "Answer:"; else an "A: ..." line. The phrase
+    comes before "A:" so that "A: She sold 48/2 = 24 clips. The answer is 72." answers 72."""
+    check_mode(mode)
     boxed = extract_boxed(text)
     if boxed is not None:
         return boxed
@@ -66,30 +78,71 @@ def extract_answer(text: str, phrased: bool = False) -> str | None:
         found = pattern.findall(text)
         if found:
             return found[-1].strip()
-    return extract_phrased(text) if phrased else None
+    if mode in NUMERIC:
+        phrased = extract_phrased(text)
+        if phrased is not None:
+            return phrased
+    found = _A_LINE.findall(text)
+    return found[-1].strip() if found else None
 
 
 def _clean(ans: str) -> str:
-    ans = re.sub(r"\\text\{([^{}]*)\}", r"\1", ans)
+    ans = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", ans)
     ans = re.sub(r"\\(?:left|right|!|,|;|:|quad|qquad)", "", ans)
     ans = ans.replace("^\\circ", "").replace("^{\\circ}", "").replace("\\$", "").replace("$", "")
     ans = ans.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     return ans.strip().rstrip(".").strip()
 
 
+# a number: digits with commas only between thousands groups ("12,345", not "1,2" or "2, 5"), a decimal part
+_NUM = r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d{1,15})?(?:\.\d{0,15})?"
+# what may stand after a number and is set aside: a percent sign, then unit words ("dollars", "km/h", "cm^2")
+_UNITS = r"(?:\s*%)?(?:\s*[A-Za-z]{1,12}(?:[./][A-Za-z]{1,12})*(?:\^[23])?){0,3}"
+
+
+def _numeric_text(ans: str) -> str | None:
+    """The number an answer names, as text without grouping commas; None when it names no single number."""
+    ans = _clean(ans).replace("{", "").replace("}", "").replace("\\%", "%").strip()
+    m = re.fullmatch(rf"({_NUM})\s*{_UNITS}\s*\.?", ans)
+    if not m or not re.search(r"\d", m.group(1)):
+        return None
+    return m.group(1).replace(",", "")
+
+
 def _integer(ans: str) -> int | None:
-    ans = _clean(ans).replace(",", "").replace("{", "").replace("}", "")
-    ans = re.sub(r"\s+", "", ans)
-    if re.fullmatch(r"[+-]?\d{1,12}(?:\.0+)?", ans):
-        return int(float(ans)) if "." in ans else int(ans)
-    return None
+    num = _numeric_text(ans)
+    if num is None or not re.fullmatch(r"[+-]?\d{1,12}(?:\.0*)?", num):
+        return None
+    return int(num.split(".")[0])
 
 
 def _number(ans: str) -> float | None:
-    ans = _clean(ans).replace(",", "")
-    ans = re.sub(r"\s+", "", ans).rstrip("%")
-    m = re.fullmatch(r"[+-]?(?:\d{1,15}(?:\.\d{0,15})?|\.\d{1,15})", ans)
-    return float(ans) if m else None
+    num = _numeric_text(ans)
+    return None if num is None else float(num)
+
+
+def answer_key(answer: str | None, mode: str) -> str | None:
+    """A canonical form of an extracted answer: equal keys mean the same answer (voting; numeric grading)."""
+    if answer is None or len(answer) > MAX_ANSWER_CHARS:
+        return None
+    if mode == "aime":
+        v = _integer(answer)
+        return None if v is None else str(v)
+    if mode == "gsm8k":
+        v = _number(answer)
+        return None if v is None else repr(round(v, 6))
+    return re.sub(r"\s+", "", _clean(answer)) or None
+
+
+def reference_key(reference, mode: str) -> str:
+    """The key of a reference answer (GSM8K's "... #### n" solutions read after the marker); a reference that
+    names no number in a numeric mode is an error in the data, not a wrong answer."""
+    ref = str(reference).strip()
+    key = answer_key(ref.split("####")[-1].strip() if mode == "gsm8k" else ref, mode)
+    if key is None:
+        raise ValueError(f"reference answer {ref[:80]!r} is not {'an integer' if mode == 'aime' else 'a number'} "
+                         f"({mode} mode)")
+    return key
 
 
 def _warm_worker() -> bool:
@@ -167,18 +220,13 @@ class Grader:
         return self._submit(a, b)
 
     def grade(self, output: str, reference: str, mode: str) -> bool:
-        if mode not in ("aime", "math", "gsm8k"):
-            raise ValueError(f"unknown grading mode {mode!r}; use aime, math or gsm8k")
-        ans = extract_answer(output, phrased=mode in ("aime", "gsm8k"))
+        ans = extract_answer(output, mode)
+        if mode in NUMERIC:
+            want = reference_key(reference, mode)
+            return answer_key(ans, mode) == want
         if ans is None or len(ans) > MAX_ANSWER_CHARS:
             return False
         reference = str(reference).strip()
-        if mode == "aime":
-            got, want = _integer(ans), _integer(reference)
-            return got is not None and want is not None and got == want
-        if mode == "gsm8k":
-            got, want = _number(ans), _number(reference.split("####")[-1])
-            return got is not None and want is not None and abs(got - want) <= 1e-6 * max(1.0, abs(want))
         # math: identical after light normalisation, else math-verify
         a, r = _clean(ans), _clean(reference)
         if re.sub(r"\s+", "", a) == re.sub(r"\s+", "", r):

@@ -10,7 +10,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 
-from .grader import _clean, _integer, _number
+from .grader import answer_key
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -38,19 +38,6 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
         return mean, 0.0
     var = sum((v - mean) ** 2 for v in values) / (m - 1)
     return mean, math.sqrt(var / m)
-
-
-def answer_key(answer: str | None, mode: str) -> str | None:
-    """A canonical form of an extracted answer for voting: equal keys mean the same answer."""
-    if answer is None:
-        return None
-    if mode == "aime":
-        v = _integer(answer)
-        return None if v is None else str(v)
-    if mode == "gsm8k":
-        v = _number(answer)
-        return None if v is None else repr(round(v, 6))
-    return re.sub(r"\s+", "", _clean(answer)) or None
 
 
 def majority(answers: Sequence[str | None], mode: str,

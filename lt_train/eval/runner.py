@@ -51,7 +51,7 @@ def generate_missing(model, tokenizer, problems: list[Problem], gs: GenSettings,
             before, crashes = grader.timeouts, grader.crashes
             records.append({
                 "problem": prob.id, "index": p, "sample": s, "batch": b, "batch_size": gs.batch_size, "seed": seed,
-                "answer": extract_answer(text), "correct": grader.grade(text, prob.answer, mode),
+                "answer": extract_answer(text, mode), "correct": grader.grade(text, prob.answer, mode),
                 "grade_timeout": grader.timeouts > before, "grade_crash": grader.crashes > crashes,
                 "oom_splits": splits, "tokens": n_tok, "finished": fin,
                 "batch_tokens": sum(out.tokens), "batch_seconds": round(out.seconds, 4),
