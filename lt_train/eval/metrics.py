@@ -90,8 +90,11 @@ def aggregate(per_problem: Sequence[dict]) -> dict:
         raise ValueError(f"problems have different sample counts {sorted(ns)}; the run is incomplete")
     n = ns.pop()
     p1, se = mean_se([p["pass@1"] for p in per_problem])
-    out = {"problems": len(per_problem), "n_samples": n, "pass@1": p1, "pass@1_se": se,
-           f"maj@{n}": sum(p["maj_correct"] for p in per_problem) / len(per_problem)}
+    maj = sum(p["maj_correct"] for p in per_problem) / len(per_problem)
+    out = {"problems": len(per_problem), "n_samples": n, "pass@1": p1, "pass@1_se": se, f"maj@{n}": maj,
+           # the same figures under the DeepSeek-R1 protocol's names: avg@n (its "pass@1", the mean accuracy
+           # over n samples) and cons@n (the majority answer's accuracy)
+           f"avg@{n}": p1, f"avg@{n}_se": se, f"cons@{n}": maj}
     for k in ks_for(n)[1:]:  # pass@1 (unbiased, k=1) is c/n: the mean above
         out[f"pass@{k}"] = sum(p["pass@k"][k] for p in per_problem) / len(per_problem)
     return out

@@ -27,8 +27,9 @@ def _cell(text, limit: int = 40) -> str:
 
 def summary_rows(s: dict) -> list[list]:
     n = s["n_samples"]
-    rows = [["pass@1 (mean over samples ± SE over problems)", f"{_pct(s['pass@1'])} ± {_pct(s['pass@1_se'])}"],
-            [f"maj@{n}", _pct(s[f"maj@{n}"])]]
+    rows = [[f"avg@{n} = pass@1 (mean over samples ± SE over problems)",
+             f"{_pct(s['pass@1'])} ± {_pct(s['pass@1_se'])}"],
+            [f"cons@{n} = maj@{n} (the majority answer)", _pct(s[f"maj@{n}"])]]
     rows += [[f"pass@{k} (unbiased)", _pct(s[f"pass@{k}"])] for k in ks_for(n)[1:]]
     rows += [["mean output tokens", f"{s['mean_output_tokens']:.0f}"],
              ["cut at max_new_tokens", f"{s['truncated']} / {s['samples']}"],

@@ -115,7 +115,16 @@ def next_tokens(logits: torch.Tensor, gs: GenSettings, gens: list[torch.Generato
         drop[:, -1] = False
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(gens)])
+    return draw(probs, gens)
+
+
+def draw(probs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of `probs` [B, V], row i drawn with generator i: exactly `torch.multinomial(probs[i], 1,
+    generator=gens[i])`, which for one sample is the exponential race argmax(p / q), q ~ Exp(1) drawn from the
+    generator (ATen's multinomial); here the B noise rows come from their generators and the race is one batched
+    division and argmax instead of B multinomial calls."""
+    q = torch.stack([torch.empty_like(probs[i]).exponential_(1, generator=g) for i, g in enumerate(gens)])
+    return (probs / q).argmax(-1)
 
 
 @torch.no_grad()
@@ -160,8 +169,10 @@ def generate_batch(model, tokenizer, prompts: list[str], gs: GenSettings, seeds:
     last = pos[:, -1:]
     for step in range(gs.max_new_tokens):
         tok = next_tokens(logits, gs, [gens[r] for r in alive])
-        done = torch.isin(tok, eos.to(tok.device)).tolist()
-        for j, (r, t, d) in enumerate(zip(alive, tok.tolist(), done)):
+        # the step's one host sync: the tokens and which of them end their rows, read together
+        host = torch.stack([tok, torch.isin(tok, eos.to(tok.device)).long()]).tolist()
+        done = [bool(d) for d in host[1]]
+        for j, (r, t, d) in enumerate(zip(alive, host[0], done)):
             if lockstep and finished[r]:
                 done[j] = True
                 continue
