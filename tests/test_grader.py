@@ -195,3 +195,17 @@ def test_the_stored_answer_the_vote_and_pass_at_1_read_one_extraction():
     assert len(cases) > 16
     for output, ref, mode in cases:
         assert grade(output, ref, mode) == (answer_key(extract_answer(output, mode), mode) == reference_key(ref, mode))
+
+
+def test_a_benchmark_whose_reference_names_no_number_is_refused_at_load_naming_the_problem(tmp_path):
+    from omegaconf import OmegaConf
+
+    from lt_train.eval.benchmarks import load_problems
+
+    path = tmp_path / "bench.jsonl"
+    path.write_text('{"id": "a", "problem": "1+1?", "answer": "2"}\n{"id": "b", "problem": "?", "answer": "two"}\n')
+    cfg = OmegaConf.create({"name": "mine", "source": "file", "path": str(path), "mode": "gsm8k",
+                            "columns": {"question": "problem", "answer": "answer", "id": "id"}})
+    with pytest.raises(ValueError, match=r"problem 'b': reference answer 'two' is not a number \(gsm8k mode\)"):
+        load_problems(cfg)
+    assert [p.id for p in load_problems(OmegaConf.merge(cfg, {"mode": "math"}))] == ["a", "b"]

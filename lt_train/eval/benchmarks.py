@@ -11,8 +11,8 @@ import json
 from dataclasses import asdict, dataclass
 
 from ..data.sources import LoadReport, read_hub, read_rows, recall_examples_from
+from .grader import MODES, NUMERIC, reference_key
 
-MODES = ("aime", "math", "gsm8k")
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,12 @@ def load_problems(ecfg) -> list[Problem]:
         problems = problems[: int(limit)]
     if not problems:
         raise ValueError(f"benchmark {name!r} ({where}) has no problems")
+    if mode in NUMERIC:  # a reference that names no number is an error in the data: say which, before generating
+        for p in problems:
+            try:
+                reference_key(p.answer, mode)
+            except ValueError as e:
+                raise ValueError(f"benchmark {name!r} ({where}), problem {p.id!r}: {e}") from None
     return problems
 
 
