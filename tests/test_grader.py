@@ -187,12 +187,13 @@ def test_the_stored_answer_the_vote_and_pass_at_1_read_one_extraction():
     assert answers == ["72"] * 4 and m["pass@1"] == 1.0 and m["maj_correct"] and m["maj_answer"] == "72"
     cases = [(o, r, mode) for o, r, mode, _ in test_phrasings_units_and_digit_groups.pytestmark[0].args[1]]
     path = os.path.join(SHARED_DATA, "model_outputs.jsonl")
-    if os.path.isfile(path):
+    listed = len(cases)
+    if os.path.isfile(path):  # the real outputs too, when ../shared is there
         for line in open(path, encoding="utf-8"):
             r = json.loads(line)
             if _mode(r["id"]) != "math":
                 cases.append((r["output"], r["answer"], _mode(r["id"])))
-    assert len(cases) > 16
+        assert len(cases) > listed + 100
     for output, ref, mode in cases:
         assert grade(output, ref, mode) == (answer_key(extract_answer(output, mode), mode) == reference_key(ref, mode))
 
