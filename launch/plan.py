@@ -11,10 +11,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from lt_train.cli import expand_shortcuts  # noqa: E402
 from lt_train.plan import longest_pack_length, plan_memory, resolve_hardware, write_plan  # noqa: E402
+from lt_train.train.config import apply_selection_file  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="plan", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    apply_selection_file(cfg)  # lazy.from_file: its layers, S and W, as the trainer plans them
     hw = resolve_hardware(cfg)
     plan = plan_memory(cfg, hw)
     print(plan.table())

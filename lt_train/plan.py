@@ -463,14 +463,9 @@ def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> 
     # streaming layers and their backend as the trainer will run them
     from .lazy_ratio import resolve_num_lazy
 
-    explicit = lz.get("layers") if lz.get("layers") is not None else lz.get("file_layers")  # file: validate()
+    # a selection file's layers, S and W: put into the config by train.config.apply_selection_file
+    explicit = lz.get("layers") if lz.get("layers") is not None else lz.get("file_layers")
     S, W = int(lz.get("sink_tokens", 4)), int(lz.get("recent_tokens", 1020))
-    if explicit is None and lz.get("from_file") and os.path.isfile(str(lz.from_file)):  # not validated (plan job)
-        from .lazy import read_selection
-
-        sel = read_selection(str(lz.from_file), "lazy.from_file")
-        explicit = sel["lazy_layers"]
-        S, W = int(sel.get("sink_tokens", S)), int(sel.get("recent_tokens", W))
     n_lazy = len(explicit) if explicit is not None else resolve_num_lazy(lz.get("num_lazy", 0.5), L)
     backend = lz.get("backend", "auto") or "auto"
     if backend == "auto":

@@ -172,6 +172,19 @@ def test_plan_command_writes_plan_json(tmp_path):
     assert "verdict: fits" in out.stdout
 
 
+def test_the_plan_command_plans_a_selection_files_layers_sinks_and_window(tmp_path):
+    """As the trainer does: 3 lazy layers with S=0 and W=256 from the file, not the config's num_lazy / S / W."""
+    sel = tmp_path / "lazy_layers.json"
+    sel.write_text(json.dumps({"lazy_layers": [1, 5, 9], "sink_tokens": 0, "recent_tokens": 256}))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plan.py"), "+experiment=qwq_still",
+                          f"lazy.from_file={sel}", "hardware.gpus=8", "hardware.gpu_memory_gb=141",
+                          f"output_dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    settings = json.loads((tmp_path / "plan.json").read_text())["settings"]
+    assert (settings["lazy_layers"], settings["sink_tokens"], settings["window"]) == (3, 0, 256)
+    assert "selection" not in json.loads((tmp_path / "plan.json").read_text())["phases"]
+
+
 def test_sequence_parallel_layer_holds_what_one_process_holds_of_a_row_n_times_shorter():
     """Ulysses: a process keeps T/N tokens outside attention and, inside, all T tokens of Hq/N query and Hkv/N KV
     heads: exactly one process's activations of a T/N row, until N exceeds the KV heads (then replicated). A

@@ -106,12 +106,8 @@ def _command_line_keys() -> set[str]:
 
 
 def _validate_lazy(cfg) -> None:
-    """Every `lazy.*` value, before anything loads. With `lazy.from_file` the file's S and W replace the config's
-    (its layers were chosen for them; a command-line value that differs is refused) and its layers are kept in
-    `lazy.file_layers`, so that the plan, the selection, the training and the summary all see the same."""
-    from omegaconf import open_dict
-
-    from ..lazy import STRATEGIES, read_selection
+    """Every `lazy.*` value, before anything loads; a selection file applied (`apply_selection_file`)."""
+    from ..lazy import STRATEGIES
 
     lz = cfg.lazy
     if lz.get("strategy") not in STRATEGIES:
@@ -125,12 +121,23 @@ def _validate_lazy(cfg) -> None:
             raise ValueError(f"lazy.{key} must be an integer >= {low}, got {v!r}")
     if lz.get("layers") is not None and lz.get("from_file"):
         raise ValueError("set lazy.layers or lazy.from_file, not both")
+    apply_selection_file(cfg)
+
+
+def apply_selection_file(cfg) -> None:
+    """With `lazy.from_file`, the file's S and W replace the config's (its layers were chosen for them; a
+    command-line value that differs is refused) and its layers are kept in `lazy.file_layers`, so that the plan,
+    the selection, the training and the summary all see the same. Nothing without `lazy.from_file`."""
+    from omegaconf import open_dict
+
+    from ..lazy import read_selection
+
+    lz = cfg.lazy
     if not lz.get("from_file"):
         return
     if not os.path.isfile(str(lz.from_file)):
         raise FileNotFoundError(f"lazy.from_file={lz.from_file!r} does not exist: write it first with "
-                                "launch/select_lazy.py (the 32B recipes: +experiment=<recipe>_select), or set "
-                                "lazy.from_file=null to select inside this run")
+                                "launch/select_lazy.py, or set lazy.from_file=null to select inside this run")
     sel = read_selection(str(lz.from_file), "lazy.from_file")
     given = _command_line_keys()
     with open_dict(cfg):

@@ -57,13 +57,13 @@ def _base_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
-def _tensors_of(module, own, lora: bool) -> dict[str, torch.Tensor]:
+def _tensors_of(name: str, module, own, lora: bool) -> dict[str, torch.Tensor]:
     """The unit's tensors as the plain (merged) model names them, on the CPU."""
     if not lora:
         return {_base_name(n): p.detach().to("cpu", copy=True).contiguous() for n, p in own}
     out = {}
     base = module.base_layer
-    prefix = _base_name(next(n for n, _ in own if ".base_layer." in n).rsplit(".base_layer.", 1)[0])
+    prefix = _base_name(name)
     weight = base.weight.detach()
     for adapter in module.active_adapters:
         weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
@@ -130,10 +130,10 @@ def write_model(model, path: str, writer_rank: int, rank: int, zero3: bool, toke
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
         writer = _ShardWriter(partial, shard_bytes)
-    for _, module, own, lora in _units(model):
+    for name, module, own, lora in _units(model):
         with _gathered([p for _, p in own], zero3):
             if writer is not None:
-                writer.add(_tensors_of(module, own, lora))
+                writer.add(_tensors_of(name, module, own, lora))
     if writer is None:
         return
     writer.close()

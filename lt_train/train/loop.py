@@ -194,10 +194,9 @@ def _partitioned_forwards(model, ds_config: dict | None):
         return
     from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
 
-    from ..plan import PREFETCH_BUCKET
-
-    zero = ds_config["zero_optimization"]
-    hooks = DeepSpeedZeRoOffload(model, timers=None, ds_config=None, prefetch_bucket_size=PREFETCH_BUCKET,
+    zero = ds_config["zero_optimization"]  # the engine's own settings
+    hooks = DeepSpeedZeRoOffload(model, timers=None, ds_config=None,
+                                 prefetch_bucket_size=zero["stage3_prefetch_bucket_size"],
                                  param_persistence_threshold=zero["stage3_param_persistence_threshold"])
     try:
         yield
@@ -302,6 +301,7 @@ def train(cfg) -> dict:
     ds_config = deepspeed_config(cfg.deepspeed, tr, grad_accum, n_sp) if use_ds else None
     zero3 = use_ds and int(cfg.deepspeed.stage) == 3
     per_step = grad_accum * world_size  # packed rows per optimizer step
+    row_tokens = int(tr.pack_length) // n_sp  # the longest row (or sequence-parallel shard) a rank holds
     # the data first: a run that cannot train is refused before any weights load
     tok = tokenizer_from_config(cfg.model)
     train_enc, heldout = _prepare_data(cfg, tok, rank)
@@ -330,7 +330,7 @@ def train(cfg) -> dict:
     model.train()
     sp = sequence_parallel.enable(model, n_sp)  # evaluation (modules in eval mode) keeps the unwrapped attention
     if tr.get("tiled_mlp"):  # ZeRO-3 gathers weights per tile: every rank pads to the longest row, tiles alike
-        sequence_parallel.tile_mlps(model, length=int(tr.pack_length) // n_sp if zero3 else None)
+        sequence_parallel.tile_mlps(model, length=row_tokens if zero3 else None)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(tr.warmup_ratio * max_steps), max_steps))
@@ -390,8 +390,7 @@ def train(cfg) -> dict:
                 row = step * per_step + rank * grad_accum + m if not sp else (step, rank, m)
                 torch.manual_seed(row_seed(seed, row))
                 if zero3:  # DeepSpeed's tiled loss: the head's backward runs inside, already scaled
-                    scaled = token_loss_sum(model, inputs, zero3_scale=scale, engine=engine,
-                                            length=int(tr.pack_length) // n_sp)
+                    scaled = token_loss_sum(model, inputs, zero3_scale=scale, engine=engine, length=row_tokens)
                 else:
                     scaled = token_loss_sum(model, inputs, engine=engine) * scale
                 micro_loss = float(scaled.detach()) / scale  # host sync, once per micro-batch
