@@ -42,6 +42,22 @@ def lm_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: i
     return total
 
 
+def tiled_shards(chunk: int, length: int | None, *tensors):
+    """(shards, tensors padded along dim 1) for DeepSpeed's tiled loss. Each shard's head call gathers the head's
+    weight (a collective): with `length` (the longest row any rank can hold) every rank pads to the same length and
+    makes the same number of shards, whatever its row's length. A tensor may come as (tensor, pad value)."""
+    pairs = [t if isinstance(t, tuple) else (t, 0) for t in tensors]
+    n = max(length or 0, pairs[0][0].shape[1])
+    shards = max(1, -(-n // chunk))
+    padded = shards * -(-n // shards)  # torch.chunk (inside the tiled loss) then makes exactly `shards` pieces
+    out = []
+    for t, value in pairs:
+        if padded > t.shape[1]:
+            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, padded - t.shape[1]), value=value)
+        out.append(t)
+    return (shards, *out)
+
+
 def zero3_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, scale: float,
                         chunk: int = 1024, shifted: bool = False, length: int | None = None) -> torch.Tensor:
     """`lm_head_loss_sum` x `scale` under DeepSpeed ZeRO-3, through DeepSpeed's own tiled loss
@@ -53,14 +69,7 @@ def zero3_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, scale
 
     head = model.get_output_embeddings()
     x, y = _targets(hidden, labels, shifted)
-    # Each shard's head call gathers the head's weight (a collective): with `length` (the longest row any rank can
-    # hold) every rank pads to the same length and makes the same number of shards, whatever its row's length
-    n = max(length or 0, y.shape[1])
-    shards = max(1, -(-n // chunk))
-    padded = shards * -(-n // shards)  # torch.chunk (inside the tiled loss) then makes exactly `shards` pieces
-    if padded > y.shape[1]:
-        x = F.pad(x, (0, 0, 0, padded - x.shape[1]))
-        y = F.pad(y, (0, padded - y.shape[1]), value=-100)
+    shards, x, y = tiled_shards(chunk, length, x, (y, -100))
 
     def fn(head_module, xs, ys):
         logits = head_module(xs).float()

@@ -6,6 +6,25 @@ import os
 import torch
 
 MODES = ("lora", "full")
+OBJECTIVES = ("sft", "distill")
+
+
+def distill_settings(tr):
+    """The distillation settings of `train.objective=distill` (validated), else None."""
+    from ..distill import DistillSettings
+
+    objective = tr.get("objective", "sft")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"train.objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "sft":
+        return None
+    if tr.mode != "lora":
+        # the teacher is the same weights with the adapters off; under full fine-tuning the weights themselves
+        # move, so the original would need a frozen copy (twice the weights) or logits precomputed to disk
+        raise ValueError("train.objective=distill needs train=lora: the original model is the same weights with "
+                         "the adapters disabled (full fine-tuning would need a second, frozen copy of the model)")
+    d = tr.get("distill") or {}
+    return DistillSettings(float(d.get("temperature", 1.0)), int(d.get("top_k", 0) or 0))
 
 
 def text_config_of(mcfg):
@@ -55,6 +74,7 @@ def validate(cfg, world_size: int) -> None:
                          "set train.gradient_checkpointing=false or use deepspeed=zero2")
     if tr.bf16 and stage == 0 and not torch.cuda.is_available():
         raise ValueError("train.bf16 without DeepSpeed runs only on GPU; on CPU use fp32 (bf16 is emulated, ~12x slower)")
+    distill_settings(tr)
     _validate_lazy(cfg)
     from ..distributed import timeout_of
 

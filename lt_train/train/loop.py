@@ -22,12 +22,13 @@ from ..data.format import EncodedExample
 from ..data.prepare import prepare
 from ..hybrid import HybridConfig, convert_to_hybrid, set_lazy_layers
 from ..io import atomic_write_json, atomic_write_text
+from ..distill import DistillSettings, head_kl_sum, teacher_states, zero3_head_kl_sum
 from ..lazy import select_with_stats
 from ..models import load_from_config, tokenizer_from_config
 from ..nll import decoder_of, lm_head_loss_sum, zero3_head_loss_sum
 from ..tracking import init_wandb
 from . import checkpoint as ckpt
-from .config import validate
+from .config import distill_settings, validate
 from ..distributed import all_reduce_sum, barrier, local_rank, set_device, timeout_of, world
 from .engine import DeepSpeedEngine, PlainEngine, deepspeed_config, save_checkpoint
 from .evaluate import demo_accuracy, heldout_nll
@@ -61,17 +62,24 @@ def plan_rows(lengths: list[int], pack_length: int, seed: int, epochs: int) -> l
 
 
 def token_loss_sum(model, inputs: dict, zero3_scale: float | None = None, engine=None,
-                   length: int | None = None) -> torch.Tensor:
+                   length: int | None = None, distill: DistillSettings | None = None) -> torch.Tensor:
     """Sum of token NLLs of model inputs with `labels` (a packed row) or `shift_labels` (a sequence-parallel
     shard), the LM head applied in chunks (`nll.lm_head_loss_sum`). Under ZeRO-3 pass `zero3_scale` (the step's
     loss scale): DeepSpeed's tiled loss then returns the sum already scaled, its head gradient computed inside
     the call (`nll.zero3_head_loss_sum`). `engine`: run the decoder through the training engine's forward (its
     per-micro-step bookkeeping; see engine.py). `length`: the longest row a rank can hold, so that under ZeRO-3
-    every rank makes as many head calls."""
+    every rank makes as many head calls. `distill`: the sum of KL(original model || hybrid) over the same target
+    tokens instead (`distill.py`), the original's states from a no-grad forward first."""
     inputs = dict(inputs, use_cache=False)
     shifted = "shift_labels" in inputs
     labels = inputs.pop("shift_labels" if shifted else "labels")
+    teacher = teacher_states(model, inputs) if distill is not None else None
     hidden = engine.hidden_states(inputs) if engine is not None else decoder_of(model)(**inputs).last_hidden_state
+    if distill is not None:
+        if zero3_scale is not None:
+            return zero3_head_kl_sum(model, hidden, teacher, labels, distill, zero3_scale, shifted=shifted,
+                                     length=length)
+        return head_kl_sum(model, hidden, teacher, labels, distill, shifted=shifted)
     if zero3_scale is not None:
         return zero3_head_loss_sum(model, hidden, labels, zero3_scale, shifted=shifted, length=length)
     return lm_head_loss_sum(model, hidden, labels, shifted=shifted)
@@ -358,6 +366,7 @@ def train(cfg) -> dict:
     keep = int(tr.get("keep_checkpoints", 2))
     preempt = Preemption()
     bad_streak = bad_total = 0  # steps with a non-finite loss or gradient norm (skipped)
+    distill = distill_settings(tr)
     run = init_wandb(cfg.logging, _plain(cfg), "train", out_dir) if rank == 0 else None
     if run is not None:
         run.config.update({"lazy_layers": lazy}, allow_val_change=True)
@@ -390,9 +399,10 @@ def train(cfg) -> dict:
                 row = step * per_step + rank * grad_accum + m if not sp else (step, rank, m)
                 torch.manual_seed(row_seed(seed, row))
                 if zero3:  # DeepSpeed's tiled loss: the head's backward runs inside, already scaled
-                    scaled = token_loss_sum(model, inputs, zero3_scale=scale, engine=engine, length=row_tokens)
+                    scaled = token_loss_sum(model, inputs, zero3_scale=scale, engine=engine, length=row_tokens,
+                                            distill=distill)
                 else:
-                    scaled = token_loss_sum(model, inputs, engine=engine) * scale
+                    scaled = token_loss_sum(model, inputs, engine=engine, distill=distill) * scale
                 micro_loss = float(scaled.detach()) / scale  # host sync, once per micro-batch
                 if not math.isfinite(micro_loss) or (tr.get("nan_at_step") and step + 1 == int(tr.nan_at_step)):
                     # make the gradients non-finite too (a finite gradient of an infinite loss would still step): both

@@ -1,0 +1,125 @@
+"""Self-distillation: train the hybrid to predict what the original model predicts.
+
+The teacher is the same weights with every layer on full attention and, under LoRA, the adapters disabled: the
+model before LightTransfer-Train, with no second copy in memory. Its decoder states come from one no-grad forward
+(`teacher_states`); both models' logits are then made chunk by chunk from the states by the one LM head, so
+neither the student's nor the teacher's T x vocab logits exist at once. The loss per target token is the forward
+KL(teacher || student) of the next-token distributions at temperature `temperature` (times T^2, so that its
+gradient keeps the scale of T=1), optionally on the teacher's `top_k` most likely tokens only (the teacher
+renormalised over them; the student's full softmax), summed over the tokens that have a target.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .hybrid import attention_modules
+from .nll import _targets, decoder_of
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    temperature: float = 1.0
+    top_k: int = 0  # 0: the exact KL over the whole vocabulary
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"train.distill.temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"train.distill.top_k must be >= 0 (0: exact), got {self.top_k}")
+
+
+@contextlib.contextmanager
+def as_teacher(model):
+    """Every layer on full attention and (peft models) the adapters off, for the duration."""
+    mods = attention_modules(model)
+    saved = [m.__dict__.get("lt_streaming") for m in mods]
+    for m in mods:
+        if "lt_streaming" in m.__dict__:
+            m.lt_streaming = None
+    adapters = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    try:
+        with adapters:
+            yield model
+    finally:
+        for m, s in zip(mods, saved):
+            if s is not None:
+                m.lt_streaming = s
+
+
+@torch.no_grad()
+def teacher_states(model, inputs: dict) -> torch.Tensor:
+    """The original model's last decoder states [B, T, H] for `inputs` (no gradient, no logits)."""
+    with as_teacher(model):
+        return decoder_of(model)(**inputs).last_hidden_state
+
+
+def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+           s: DistillSettings) -> torch.Tensor:
+    """Sum over masked positions of KL(teacher || student) between softmax(logits / T), times T^2."""
+    t = s.temperature
+    log_q = (student_logits.float() / t).log_softmax(-1)
+    teacher = teacher_logits.float().detach() / t
+    if s.top_k:
+        top, idx = teacher.topk(min(s.top_k, teacher.shape[-1]), dim=-1)
+        log_p = top.log_softmax(-1)
+        log_q = log_q.gather(-1, idx)
+    else:
+        log_p = teacher.log_softmax(-1)
+    per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return (per_token * mask).sum() * t * t
+
+
+def head_kl_sum(model, hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor,
+                s: DistillSettings, chunk: int = 1024, shifted: bool = False) -> torch.Tensor:
+    """`kl_sum` of the positions that have a target (labels != -100; `shifted` as in `nll.lm_head_loss_sum`),
+    the head applied per chunk and each chunk checkpointed (its logits are not kept for backward)."""
+    head = model.get_output_embeddings()
+    x, y = _targets(hidden, labels, shifted)
+    xt, _ = _targets(teacher_hidden, labels, shifted)
+
+    def part(h, ht, m):
+        with torch.no_grad():
+            teacher = head(ht)
+        return kl_sum(head(h), teacher, m, s)
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for a in range(0, y.shape[1], chunk):
+        h, ht, m = x[:, a : a + chunk], xt[:, a : a + chunk], (y[:, a : a + chunk] != -100).float()
+        total = total + (torch.utils.checkpoint.checkpoint(part, h, ht, m, use_reentrant=False)
+                         if torch.is_grad_enabled() else part(h, ht, m))
+    return total
+
+
+def zero3_head_kl_sum(model, hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor,
+                      s: DistillSettings, scale: float, chunk: int = 1024, shifted: bool = False,
+                      length: int | None = None) -> torch.Tensor:
+    """`head_kl_sum` x `scale` under ZeRO-3, through DeepSpeed's tiled loss like `nll.zero3_head_loss_sum`: the
+    teacher's states ride along as the tiled loss's `y`, the target mask as its `mask`, so each shard makes both
+    logits while the head's weight is gathered once."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
+
+    from .nll import tiled_shards
+
+    head = model.get_output_embeddings()
+    x, y = _targets(hidden, labels, shifted)
+    xt, _ = _targets(teacher_hidden, labels, shifted)
+    mask = (y != -100).float()
+    shards, x, xt, mask = tiled_shards(chunk, length, x, xt, mask)
+
+    def fn(head_module, xs, ts, ms):
+        with torch.no_grad():
+            teacher = head_module(ts)
+        return kl_sum(head_module(xs), teacher, ms, s) * scale
+
+    w = head.weight
+    if w is not model.get_input_embeddings().weight:
+        return TiledFusedLogitsLoss.apply(fn, head, x, xt, mask, shards, [w], "sum")
+    w.ds_grad_is_ready = False  # tied embeddings: see nll.zero3_head_loss_sum
+    try:
+        return TiledFusedLogitsLoss.apply(fn, head, x, xt, mask, shards, [], "sum")
+    finally:
+        w.ds_grad_is_ready = True
