@@ -538,6 +538,11 @@ def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> 
     # the LM head (before the layers' backward): one chunk of logits in the model dtype, their fp32 copy and
     # its gradient (nll.lm_head_loss_sum; DeepSpeed's tiled loss under ZeRO-3), plus the hidden states' gradient
     head_phase = min(HEAD_CHUNK, t_local) * V * (pb + 4 + 4) + 3 * t_local * H * 4 - (a_max if gc else 0)
+    if tr.get("objective", "sft") == "distill":
+        # the original model's last states, kept from its no-grad forward through the step, and in the head
+        # phase the teacher's chunk of logits beside the student's (its fp32 copy and log-softmax; distill.py)
+        parts["teacher states (distill)"] = t_local * H * pb
+        head_phase += min(HEAD_CHUNK, t_local) * V * (pb + 4 + 4)
     if head_phase > layer_phase:
         parts["LM head chunk (the step's peak)"] = head_phase
     else:

@@ -235,3 +235,17 @@ def test_tiled_mlp_leaves_only_the_mlp_input_in_the_recomputed_layer():
     # QwQ-32B's MLP keeps gate, up, act(gate) and their product: 4 x 27648 bf16 values per token, untiled
     assert plain.per_gpu[key] - tiled.per_gpu[key] == pytest.approx(4 * 27648 * 2 * 32768, rel=0.05)
     assert tiled.per_gpu["activations (checkpointed inputs)"] == plain.per_gpu["activations (checkpointed inputs)"]
+
+
+def test_distillation_adds_the_teachers_states_and_logits_chunk():
+    """train.objective=distill under LoRA: the teacher's last states (T x H in the model dtype) held through the
+    step, and in the head phase a second chunk of logits; nothing else changes."""
+    over = ["+experiment=qwq_still", "train=lora", "deepspeed=zero3"]
+    sft, kd = plan_memory(_cfg(over), H100x8), plan_memory(_cfg(over + ["train.objective=distill"]), H100x8)
+    T, H, pb = sft.settings["tokens"], 5120, 2
+    assert kd.per_gpu["teacher states (distill)"] == T * H * pb and "teacher states (distill)" not in sft.per_gpu
+    head = [k for k in kd.per_gpu if k.startswith("LM head chunk") or k.startswith("backward working set")]
+    grown = sum(kd.per_gpu[k] for k in head) - sum(sft.per_gpu.get(k, 0) for k in head)
+    assert grown >= 0 and kd.per_gpu_total - sft.per_gpu_total == T * H * pb + grown
+    assert {k: v for k, v in kd.per_gpu.items() if k not in head and k != "teacher states (distill)"} == \
+        {k: v for k, v in sft.per_gpu.items() if k not in head}
