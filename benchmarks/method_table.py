@@ -22,43 +22,26 @@ import glob
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from stages import layers_arg, run_stage, write_table  # noqa: E402
 COT = os.path.join(ROOT, "..", "shared", "data", "long_cot_sft.jsonl")
 MODEL = "smollm2-135m"
-
-
-def _run(script: str, overrides: list[str], done: str, log_path: str) -> None:
-    """One entry point as a user runs it, skipped when `done` exists (so a rerun resumes)."""
-    if os.path.exists(done):
-        return
-    cmd = [sys.executable, os.path.join(ROOT, "launch", script), *overrides]
-    print(f"  $ {' '.join(cmd[1:])}", flush=True)
-    t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    if rc != 0:
-        sys.exit(f"{script} failed (exit {rc}); its output: {log_path}")
-    print(f"    {time.perf_counter() - t0:.0f}s", flush=True)
 
 
 def _data(args) -> list[str]:
     return ["data=recall", f"data.min_chars={args.min_chars}", f"data.max_chars={args.max_chars}"]
 
 
-def _layers_arg(layers: list[int]) -> str:
-    return "[" + ",".join(map(str, layers)) + "]"
-
-
 def select(out: str, strategy: str, args, seed: int = 0) -> list[int]:
     d = os.path.join(out, f"select_{strategy}" + (f"_{seed}" if strategy == "random" else ""))
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, "lazy_layers.json")
-    _run("select_lazy.py", [f"model={MODEL}", *_data(args), f"output_dir={d}", f"lazy.strategy={strategy}",
+    run_stage("select_lazy.py", [f"model={MODEL}", *_data(args), f"output_dir={d}", f"lazy.strategy={strategy}",
                             f"lazy.seed={seed}", f"lazy.sink_tokens={args.sink}", f"lazy.recent_tokens={args.window}",
                             f"lazy.max_samples={args.select_samples}", f"lazy.nll_samples={args.nll_samples}",
                             "logging.wandb=false"], path, os.path.join(d, "log.txt"))
@@ -70,8 +53,8 @@ def train(out: str, name: str, mode: str, layers: list[int], sink: int, args) ->
     d = os.path.join(out, f"train_{name}")
     os.makedirs(d, exist_ok=True)
     model_dir = os.path.join(d, "model")
-    _run("train.py", [f"model={MODEL}", *_data(args), f"train={mode}", f"output_dir={d}",
-                      f"lazy.layers={_layers_arg(layers)}", f"lazy.sink_tokens={sink}",
+    run_stage("train.py", [f"model={MODEL}", *_data(args), f"train={mode}", f"output_dir={d}",
+                      f"lazy.layers={layers_arg(layers)}", f"lazy.sink_tokens={sink}",
                       f"lazy.recent_tokens={args.window}", f"data.num_samples={args.train_samples}",
                       f"data.max_length={args.pack}",
                       f"train.max_steps={args.steps}", "train.grad_accum=1", f"train.pack_length={args.pack}",
@@ -84,10 +67,10 @@ def train(out: str, name: str, mode: str, layers: list[int], sink: int, args) ->
 def evaluate(out: str, row: str, model: str, layers: list[int] | None, sink: int, args) -> dict:
     d = os.path.join(out, f"eval_{row}")
     os.makedirs(d, exist_ok=True)
-    hybrid = ([f"hybrid.lazy_layers={_layers_arg(layers)}", f"hybrid.sink_tokens={sink}",
+    hybrid = ([f"hybrid.lazy_layers={layers_arg(layers)}", f"hybrid.sink_tokens={sink}",
                f"hybrid.window={args.window}"] if layers else [])
     done = glob.glob(os.path.join(d, "*", "summary.json"))
-    _run("eval.py", [f"model={model}", "eval=recall", f"output_dir={d}", f"eval.num_problems={args.problems}",
+    run_stage("eval.py", [f"model={model}", "eval=recall", f"output_dir={d}", f"eval.num_problems={args.problems}",
                      f"eval.min_chars={args.min_chars}", f"eval.max_chars={args.max_chars}",
                      "logging.wandb=false", *hybrid], done[0] if done else os.path.join(d, "-"),
          os.path.join(d, "log.txt"))
@@ -203,11 +186,7 @@ def main() -> None:
         lines.append(f"| hybrid training-free, random layers (mean of {len(rnd)} draws) | "
                      f"{statistics.mean(r[1] for r in rnd):.1%} (draws {', '.join(f'{r[1]:.0%}' for r in rnd)}) | "
                      f"{fmt(statistics.mean(nlls) if nlls else None)} |")
-    lines.append(f"\n{time.perf_counter() - t_start:.0f}s this run (stages already done are skipped)")
-    table = "\n".join(lines)
-    print("\n" + table)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table + "\n")
+    write_table(args.out, lines, t_start)
 
 
 if __name__ == "__main__":

@@ -117,27 +117,31 @@ def test_timeout_works_off_the_main_thread_and_is_counted():
         g.close()
 
 
-def _mode(row_id: str) -> str:
-    return "aime" if "aime" in row_id else "gsm8k" if "gsm8k" in row_id else "math"
-
-
 @pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, "model_outputs.jsonl")),
                     reason="../shared/data/model_outputs.jsonl is not present")
-def test_agreement_with_source_verdicts_on_real_outputs():
-    """Real AIME / MATH / GSM8K generations with their source's own correctness labels: every disagreement
-    must be one listed, with its justification, in tests/fixtures/grader_disagreements.json."""
-    rows = [json.loads(line) for line in open(os.path.join(SHARED_DATA, "model_outputs.jsonl"), encoding="utf-8")]
-    rows = [r for r in rows if r["source_score"] is not None]
-    fixture = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "grader_disagreements.json")))
-    assert all(d["justification"] for d in fixture)
-    disagree = {}
-    for r in rows:
-        ours = grade(r["output"], r["answer"], _mode(r["id"]))
-        if ours != (str(r["source_score"]) == "True"):
-            disagree[r["id"]] = ours
-    assert len(rows) >= 600
-    assert disagree == {d["id"]: d["ours"] for d in fixture}
-    print(f"agreement with source verdicts: {len(rows) - len(disagree)}/{len(rows)}")
+def test_agreement_with_lm_eval_math_verify_and_the_sources_on_real_outputs():
+    """Real GSM8K / MATH-500 / AIME generations (and the built-in models' own GSM8K outputs) graded by us and by
+    lm-eval's GSM8K filters, math-verify and the sources' own graders: every disagreement, in either direction,
+    must be one a person judged in tests/fixtures/grader_agreement/judged.json, and each judged one must still
+    occur (a fix that removes one updates the fixture). None may be judged in the reference's favour."""
+    from lt_train.eval.agreement import judged, key, run_all
+
+    try:
+        import lm_eval  # noqa: F401
+        with_lm_eval = True
+    except ImportError:
+        with_lm_eval = False
+    fixtures = os.path.join(os.path.dirname(__file__), "fixtures", "grader_agreement")
+    tables, disagreements = run_all(SHARED_DATA, fixtures, with_lm_eval)
+    known = judged(os.path.join(fixtures, "judged.json"))
+    if not with_lm_eval:
+        known = {k: g for k, g in known.items() if not k[1].startswith("lm-eval")}
+    found = {key(d) for d in disagreements}
+    assert found - set(known) == set(), "disagreements nobody has judged"
+    assert set(known) - found == set(), "judged disagreements that no longer occur: update the fixture"
+    assert all(g["verdict"] != "theirs right" for g in known.values())
+    compared = sum(sum(c.values()) for t in tables.values() for groups in t.values() for c in groups.values())
+    assert compared >= (1500 if with_lm_eval else 900)
 
 
 @pytest.mark.parametrize("output,ref,mode,ok", [

@@ -1,0 +1,39 @@
+"""Stages of the benchmark tables: the project's entry points run as a user runs them, each skipped when its
+output exists, so a table can be built in parts and a rerun resumes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_stage(script: str, overrides: list[str], done: str, log_path: str) -> float:
+    """`python launch/<script> overrides...`, skipped when `done` exists; returns the seconds it took (0 if skipped)."""
+    if os.path.exists(done):
+        return 0.0
+    cmd = [sys.executable, os.path.join(ROOT, "launch", script), *overrides]
+    print(f"  $ {' '.join(cmd[1:])}", flush=True)
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if rc != 0:
+        sys.exit(f"{script} failed (exit {rc}); its output: {log_path}")
+    took = time.perf_counter() - t0
+    print(f"    {took:.0f}s", flush=True)
+    return took
+
+
+def layers_arg(layers: list[int]) -> str:
+    return "[" + ",".join(map(str, layers)) + "]"
+
+
+def write_table(out: str, lines: list[str], t_start: float) -> None:
+    """Print the table with this run's wall time and write it to `out`/table.md."""
+    lines = lines + [f"\n{time.perf_counter() - t_start:.0f}s this run (stages already done are skipped)"]
+    text = "\n".join(lines)
+    print("\n" + text)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(text + "\n")
