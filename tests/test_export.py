@@ -85,3 +85,54 @@ def test_export_command_line(tmp_path):
     out = _run_plain(tmp_path / "native", ids, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(out["logits"], model(ids).logits, atol=2e-5, rtol=1e-4)
+
+
+PLAIN_GENERATE = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path, prompts_file, out_file, max_new = sys.argv[1:]
+model = AutoModelForCausalLM.from_pretrained(path).eval()
+tok = AutoTokenizer.from_pretrained(path)
+texts = []
+for prompt in json.load(open(prompts_file)):
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        gen = model.generate(ids, max_new_tokens=int(max_new), do_sample=False)
+    texts.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+assert not any(m.startswith("lt_train") for m in sys.modules), "lt_train was imported"
+json.dump(texts, open(out_file, "w"))
+"""
+
+
+@pytest.mark.slow
+def test_exported_qwen2_hybrid_answers_gsm8k_in_plain_transformers_as_the_evaluator_does(tmp_path):
+    """The real Qwen2.5-Coder-0.5B made a sink-free hybrid (half the layers sliding, W=64: a lazy layer loses the
+    question while it answers) and exported natively: plain transformers, in a process that never imports
+    lt_train, writes the same greedy answers as lt_train's evaluator (one prompt at a time, no padding)."""
+    from conftest import SHARED_DATA
+
+    from lt_train.eval.grader import extract_answer
+    from lt_train.eval.sampling import GenSettings, build_prompt, generate_batch
+    from lt_train.models import load_model, load_tokenizer
+
+    instruction = "Please reason step by step, and put your final answer within \\boxed{}."
+    questions = ["A shop sells pens at 3 dollars each. Tom buys 14 pens. How many dollars does he pay?"]
+    path = os.path.join(SHARED_DATA, "gsm8k_test.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            questions += [json.loads(next(f))["problem"] for _ in range(2)]
+    model, tok = load_model("qwen2.5-coder-0.5b"), load_tokenizer("qwen2.5-coder-0.5b")
+    convert_to_hybrid(model, HybridConfig(list(range(1, 24, 2)), sink_tokens=0, window=64))
+    export_native(model, str(tmp_path / "native"), tok)
+    prompts = [build_prompt(tok, q, instruction) for q in questions]
+    max_new = 360
+    gs = GenSettings(1, True, 0.0, 1.0, 0, max_new, 1, 0, instruction, None)
+    ours = [generate_batch(model, tok, [p], gs, [0]).texts[0] for p in prompts]
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    proc = subprocess.run([sys.executable, "-c", PLAIN_GENERATE, str(tmp_path / "native"),
+                           str(tmp_path / "prompts.json"), str(tmp_path / "out.json"), str(max_new)],
+                          capture_output=True, text=True, timeout=1200, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = json.loads((tmp_path / "out.json").read_text())
+    assert [extract_answer(t, "gsm8k") for t in theirs] == [extract_answer(t, "gsm8k") for t in ours]
+    assert theirs == ours
