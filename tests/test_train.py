@@ -100,7 +100,7 @@ def test_lora_export_is_the_base_with_the_trained_adapter_merged(tmp_path):
 def test_killed_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path, mode):
     args = [f"train={mode}", "train.max_steps=6", "train.save_every=2", "validation.enabled=false"]
     _ok(run_train(tmp_path / "a", args))
-    killed = run_train(tmp_path / "b", args + ["train.exit_after_step=5"])
+    killed = run_train(tmp_path / "b", args, faults={"exit_after_step": 5})
     assert killed.returncode == 3  # stopped abruptly after step 5; the last checkpoint is step 4
     assert os.path.isdir(tmp_path / "b" / "checkpoints" / "step_0000004")
     resumed = run_train(tmp_path / "b", args)
@@ -276,7 +276,7 @@ def test_preempted_run_checkpoints_the_step_in_flight_and_resumes_exactly(tmp_pa
 
     args = ["train=lora", "train.max_steps=6", "train.save_every=4", "validation.enabled=false"]
     _ok(run_train(tmp_path / "a", args))
-    pre = run_train(tmp_path / "b", args + ["train.signal_at_step=3"])
+    pre = run_train(tmp_path / "b", args, faults={"signal_at_step": 3})
     assert pre.returncode == PREEMPTED_EXIT, pre.stdout[-2000:] + pre.stderr[-2000:]
     assert "preempted at step 3" in pre.stdout and "received SIGTERM" in pre.stderr
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["latest", "step_0000003"]
@@ -294,7 +294,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     args = ["train=lora", "train.save_every=1", "train.keep_checkpoints=2", "validation.enabled=false",
             "train.max_steps=5"]
     _ok(run_train(tmp_path / "a", args))
-    assert run_train(tmp_path / "b", args + ["train.exit_after_step=4"]).returncode == 3
+    assert run_train(tmp_path / "b", args, faults={"exit_after_step": 4}).returncode == 3
     root = tmp_path / "b" / "checkpoints"
     assert sorted(os.listdir(root)) == ["latest", "step_0000003", "step_0000004"]  # rotation
     f = root / "step_0000004" / "trainable.safetensors"
@@ -367,8 +367,8 @@ def _records(out_dir):
 
 
 def test_an_injected_nan_step_is_skipped_logged_and_the_run_goes_on(tmp_path):
-    _ok(run_train(tmp_path, ["train=lora", "train.max_steps=4", "train.save_every=0", "validation.enabled=false",
-                             "train.nan_at_step=2"]))
+    _ok(run_train(tmp_path, ["train=lora", "train.max_steps=4", "train.save_every=0", "validation.enabled=false"],
+                  faults={"nan_at_step": 2}))
     recs = _records(tmp_path)
     assert recs[2]["skipped"] and recs[2]["skipped_total"] == 1 and recs[2]["loss"] != recs[2]["loss"]  # NaN
     # each record holds the rate its step used: the schedule did not advance on the skipped step 2

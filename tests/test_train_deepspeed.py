@@ -82,7 +82,7 @@ def test_preemption_of_one_rank_stops_both_at_the_same_step_and_resumes_exactly(
             "validation.enabled=false"]
     a = run_train(tmp_path / "a", args, nproc=2)
     assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]
-    pre = run_train(tmp_path / "b", args + ["train.signal_at_step=3"], nproc=2)
+    pre = run_train(tmp_path / "b", args, nproc=2, faults={"signal_at_step": 3})
     assert pre.returncode != 0 and "preempted at step 3" in pre.stdout, pre.stdout[-3000:] + pre.stderr[-3000:]
     assert "exitcode  : 143" in pre.stderr, pre.stderr[-3000:]  # torchrun's report of the ranks' exit code
     ck = tmp_path / "b" / "checkpoints"

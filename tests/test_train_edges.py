@@ -257,7 +257,7 @@ def test_two_nodes_with_their_own_caches_train_like_one_node_and_resume_a_preemp
     assert all(any(c.iterdir()) for c in caches)  # each node built its own
     one = losses(tmp_path / "one")
     assert losses(tmp_path / "two") == pytest.approx(one, rel=1e-6)
-    stopped = run_two_nodes(tmp_path / "pre", args + ["train.signal_at_step=2"], caches)
+    stopped = run_two_nodes(tmp_path / "pre", args, caches, faults={"signal_at_step": 2})
     assert all(n.returncode != 0 for n in stopped)
     assert f"exitcode  : {PREEMPTED_EXIT}" in stopped[0].stderr + stopped[1].stderr
     assert sorted(losses(tmp_path / "pre")) == [1, 2]

@@ -23,13 +23,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_nodes(out_dir, overrides, caches, timeout=600):
+FAULTS = os.path.join(ROOT, "tests", "fixtures", "faults")
+
+
+def fault_env(faults: dict | None) -> dict:
+    """The environment that injects `faults` (tests/fixtures/faults/sitecustomize.py) into launch/train.py."""
+    if not faults:
+        return {}
+    path = os.pathsep.join(p for p in (FAULTS, os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, "LT_TEST_FAULTS": json.dumps(faults)}
+
+
+def run_two_nodes(out_dir, overrides, caches, timeout=600, faults=None):
     """launch/train.py as two torchrun "nodes" of one process each on this machine, meeting through a c10d
     rendezvous (as `launch/multinode.sbatch` starts them), node i with its own cache_dir `caches[i]`. Returns
     the two CompletedProcess-like (returncode, stdout, stderr) of the nodes."""
     port = free_port()
     script = os.path.join(ROOT, "launch", "train.py")
-    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **fault_env(faults))
     procs = []
     for node, cache in enumerate(caches):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
@@ -50,14 +61,14 @@ def run_two_nodes(out_dir, overrides, caches, timeout=600):
     return done
 
 
-def run_train(out_dir, overrides=(), nproc=1, timeout=900, env=None):
+def run_train(out_dir, overrides=(), nproc=1, timeout=900, env=None, faults=None):
     script = os.path.join(ROOT, "launch", "train.py")
     if nproc > 1:
         cmd = torchrun(nproc) + [script]
     else:
         cmd = [sys.executable, script]
     cmd += TINY + list(overrides) + [f"output_dir={out_dir}", f"cache_dir={os.path.join(str(out_dir), 'cache')}"]
-    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **(env or {}))
+    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **(env or {}), **fault_env(faults))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=e)
 
 
@@ -83,8 +94,8 @@ def learns_and_resumes_exactly(tmp_path, args, nproc=1):
     with open(os.path.join(tmp_path, "a", "summary.json"), encoding="utf-8") as f:
         results = json.load(f)["results"]
     assert results["hybrid, after"]["heldout_nll"] < results["hybrid, before"]["heldout_nll"]
-    killed = run_train(tmp_path / "b", list(args) + ["validation.enabled=false", "train.exit_after_step=5"],
-                       nproc=nproc)
+    killed = run_train(tmp_path / "b", list(args) + ["validation.enabled=false"], nproc=nproc,
+                       faults={"exit_after_step": 5})
     assert killed.returncode != 0
     resumed = run_train(tmp_path / "b", list(args) + ["validation.enabled=false"], nproc=nproc)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

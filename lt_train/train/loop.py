@@ -9,7 +9,6 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 
@@ -404,15 +403,13 @@ def train(cfg) -> dict:
                 else:
                     scaled = token_loss_sum(model, inputs, engine=engine, distill=distill) * scale
                 micro_loss = float(scaled.detach()) / scale  # host sync, once per micro-batch
-                if not math.isfinite(micro_loss) or (tr.get("nan_at_step") and step + 1 == int(tr.nan_at_step)):
+                if not math.isfinite(micro_loss):
                     # make the gradients non-finite too (a finite gradient of an infinite loss would still step): both
                     # engines then skip the optimizer step (DeepSpeed's overflow check, PlainEngine's norm check)
                     scaled, micro_loss = scaled * float("nan"), float("nan")
                 loss_sum += micro_loss
                 engine.backward(scaled)
                 norm = engine.step()
-                if tr.get("signal_at_step") and step + 1 == int(tr.signal_at_step) and rank == 0:
-                    os.kill(os.getpid(), signal.SIGTERM)  # testing: preempted while this step is in flight
             step_loss = all_reduce_sum(loss_sum, dev) / n_global
             tokens = all_reduce_sum(sum(int(b.input_ids.numel()) for b in batches), dev)
             dt = time.perf_counter() - t0
@@ -451,10 +448,6 @@ def train(cfg) -> dict:
                     run.finish(exit_code=PREEMPTED_EXIT)
                 sys.stdout.flush()
                 sys.exit(PREEMPTED_EXIT)
-            if tr.get("exit_after_step") and step + 1 == int(tr.exit_after_step):
-                _log(rank, f"exit_after_step={step + 1}: stopping abruptly (testing resume)")
-                sys.stdout.flush()
-                os._exit(3)
     finally:
         preempt.restore()
     bar.close()
