@@ -61,7 +61,7 @@ def select(args, strategy: str) -> list[int]:
     path = os.path.join(d, "lazy_layers.json")
     run_stage("select_lazy.py", [f"model={MODEL}", *_cot(args), f"output_dir={d}", f"lazy.strategy={strategy}",
                                  f"lazy.num_lazy={args.fraction}", f"lazy.sink_tokens={args.sink}",
-                                 f"lazy.recent_tokens={args.window}", f"lazy.max_samples={args.select_samples}",
+                                 f"lazy.window={args.window}", f"lazy.max_samples={args.select_samples}",
                                  f"lazy.nll_samples={args.nll_samples}", "logging.wandb=false"],
               path, os.path.join(d, "log.txt"))
     with open(path) as f:
@@ -73,7 +73,7 @@ def train(args, row: str, layers: list[int]) -> str:
     d = os.path.join(args.out, f"train_{row}")
     os.makedirs(d, exist_ok=True)
     lazy = [f"lazy.layers={layers_arg(layers)}", f"lazy.sink_tokens={0 if s0 else args.sink}",
-            f"lazy.recent_tokens={args.window}"] if hybrid else ["lazy.layers=[]"]
+            f"lazy.window={args.window}"] if hybrid else ["lazy.layers=[]"]
     run_stage("train.py", [f"model={MODEL}", *_cot(args), "train=lora", f"train.objective={objective}",
                            f"output_dir={d}", *lazy, f"data.max_samples={args.train_samples}",
                            f"train.max_steps={args.steps}", "train.grad_accum=1", f"train.pack_length={args.pack}",

@@ -42,7 +42,7 @@ def select(out: str, strategy: str, args, seed: int = 0) -> list[int]:
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, "lazy_layers.json")
     run_stage("select_lazy.py", [f"model={MODEL}", *_data(args), f"output_dir={d}", f"lazy.strategy={strategy}",
-                            f"lazy.seed={seed}", f"lazy.sink_tokens={args.sink}", f"lazy.recent_tokens={args.window}",
+                            f"lazy.seed={seed}", f"lazy.sink_tokens={args.sink}", f"lazy.window={args.window}",
                             f"lazy.max_samples={args.select_samples}", f"lazy.nll_samples={args.nll_samples}",
                             "logging.wandb=false"], path, os.path.join(d, "log.txt"))
     with open(path) as f:
@@ -55,7 +55,7 @@ def train(out: str, name: str, mode: str, layers: list[int], sink: int, args) ->
     model_dir = os.path.join(d, "model")
     run_stage("train.py", [f"model={MODEL}", *_data(args), f"train={mode}", f"output_dir={d}",
                       f"lazy.layers={layers_arg(layers)}", f"lazy.sink_tokens={sink}",
-                      f"lazy.recent_tokens={args.window}", f"data.num_samples={args.train_samples}",
+                      f"lazy.window={args.window}", f"data.num_samples={args.train_samples}",
                       f"data.max_length={args.pack}",
                       f"train.max_steps={args.steps}", "train.grad_accum=1", f"train.pack_length={args.pack}",
                       f"train.lr={args.lora_lr if mode == 'lora' else args.full_lr}", "train.save_every=1000",

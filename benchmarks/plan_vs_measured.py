@@ -81,7 +81,7 @@ def worker(argv: list[str]) -> None:
     hf_ds = loop._partitioned_loading(ds_config) if stage == 3 else None
     model, _ = load_from_config(cfg.model)
     n = model.config.num_hidden_layers
-    convert_to_hybrid(model, HybridConfig(list(range(1, n, 2)), cfg.lazy.sink_tokens, cfg.lazy.recent_tokens))
+    convert_to_hybrid(model, HybridConfig(list(range(1, n, 2)), cfg.lazy.sink_tokens, cfg.lazy.window))
     model = loop._wrap_trainable(cfg, model)
     model.train()
     sp = sequence_parallel.enable(model, n_sp)

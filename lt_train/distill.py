@@ -5,8 +5,9 @@ model before LightTransfer-Train, with no second copy in memory. Its decoder sta
 (`teacher_states`); both models' logits are then made chunk by chunk from the states by the one LM head, so
 neither the student's nor the teacher's T x vocab logits exist at once. The loss per target token is the forward
 KL(teacher || student) of the next-token distributions at temperature `temperature` (times T^2, so that its
-gradient keeps the scale of T=1), optionally on the teacher's `top_k` most likely tokens only (the teacher
-renormalised over them; the student's full softmax), summed over the tokens that have a target.
+gradient keeps the scale of T=1), optionally on the teacher's `top_k` most likely tokens only (both distributions
+renormalised over those tokens, so that the loss is 0 exactly when the student matches the teacher there), summed
+over the tokens that have a target.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ class DistillSettings:
     def __post_init__(self):
         if not self.temperature > 0:
             raise ValueError(f"train.distill.temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"train.distill.top_k must be >= 0 (0: exact), got {self.top_k}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"train.distill.top_k must be an integer >= 0 (0: exact), got {self.top_k!r}")
 
 
 @contextlib.contextmanager
@@ -37,12 +38,11 @@ def as_teacher(model):
     """Every layer on full attention and (peft models) the adapters off, for the duration."""
     mods = attention_modules(model)
     saved = [m.__dict__.get("lt_streaming") for m in mods]
-    for m in mods:
-        if "lt_streaming" in m.__dict__:
-            m.lt_streaming = None
-    adapters = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     try:
-        with adapters:
+        for m in mods:
+            if "lt_streaming" in m.__dict__:
+                m.lt_streaming = None
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
             yield model
     finally:
         for m, s in zip(mods, saved):
@@ -61,15 +61,14 @@ def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: tor
            s: DistillSettings) -> torch.Tensor:
     """Sum over masked positions of KL(teacher || student) between softmax(logits / T), times T^2."""
     t = s.temperature
-    log_q = (student_logits.float() / t).log_softmax(-1)
-    teacher = teacher_logits.float().detach() / t
-    if s.top_k:
-        top, idx = teacher.topk(min(s.top_k, teacher.shape[-1]), dim=-1)
-        log_p = top.log_softmax(-1)
-        log_q = log_q.gather(-1, idx)
-    else:
-        log_p = teacher.log_softmax(-1)
-    per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+    student, teacher = student_logits.float(), teacher_logits.float().detach()
+    if t != 1.0:
+        student, teacher = student / t, teacher / t
+    if s.top_k:  # both over the teacher's k most likely tokens
+        teacher, idx = teacher.topk(min(s.top_k, teacher.shape[-1]), dim=-1)
+        student = student.gather(-1, idx)
+    log_p, log_q = teacher.log_softmax(-1), student.log_softmax(-1)
+    per_token = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
     return (per_token * mask).sum() * t * t
 
 

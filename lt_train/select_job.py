@@ -48,7 +48,7 @@ def plot_ratios(path: str, result: dict) -> None:
     ax.bar(range(L), result["per_layer_ratio"], color=colors)
     ax.set_ylabel("lazy ratio")
     ax.set_title(f"{result['model']['name']}: {len(chosen)}/{L} lazy layers (orange), strategy {result['strategy']}, "
-                 f"S={result['sink_tokens']} W={result['recent_tokens']}")
+                 f"S={result['sink_tokens']} W={result['window']}")
     if panels == 2:
         ax = axes[1][0]
         ax.bar(range(L), result[second[0]], color=colors)
@@ -67,6 +67,9 @@ def run(cfg) -> dict:
     and of the layers (nll); all processes end with the same choice."""
     from omegaconf import OmegaConf
 
+    from .train.config import resolve_window_alias
+
+    resolve_window_alias(cfg)
     lz = cfg.lazy
     out_dir = cfg.output_dir
     init_if_needed(timeout_of(cfg))  # under torchrun the measurements are shared out over the processes
@@ -79,14 +82,14 @@ def run(cfg) -> dict:
     run_ = init_wandb(cfg.logging, OmegaConf.to_container(cfg, resolve=True), "select_lazy", out_dir) if rank == 0 \
         else None
     t0 = time.perf_counter()
-    sel = select_with_stats(model, samples, lz.num_lazy, lz.strategy, lz.sink_tokens, lz.recent_tokens,
+    sel = select_with_stats(model, samples, lz.num_lazy, lz.strategy, lz.sink_tokens, lz.window,
                             lz.last_queries, lz.seed, lz.get("nll_samples", 4), progress=True)
     result = {
         "lazy_layers": sel.layers,
         "strategy": sel.strategy,
         "num_layers": sel.num_layers,
         "sink_tokens": lz.sink_tokens,
-        "recent_tokens": lz.recent_tokens,
+        "window": lz.window,
         "last_queries": lz.last_queries,
         "per_layer_ratio": sel.per_layer_ratio,
         "per_head_ratio": sel.per_head_ratio,

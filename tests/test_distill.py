@@ -45,13 +45,11 @@ def _dense_reference(original, student, row, s: DistillSettings):
         if row["labels"][0, i + 1] == -100:
             continue
         p = torch.softmax(t_logits[i] / s.temperature, -1)
-        log_q = torch.log_softmax(q_logits[i] / s.temperature, -1)
-        if s.top_k:
+        q = torch.softmax(q_logits[i] / s.temperature, -1)
+        if s.top_k:  # both distributions on the teacher's k most likely tokens, each renormalised there
             keep = torch.argsort(p, descending=True)[: s.top_k]
-            pk = p[keep] / p[keep].sum()
-            total = total + (pk * (pk.log() - log_q[keep])).sum()
-        else:
-            total = total + (p * (p.log() - log_q)).sum()
+            p, q = p[keep] / p[keep].sum(), q[keep] / q[keep].sum()
+        total = total + (p * (p.log() - q.log())).sum()
     return total * s.temperature ** 2
 
 
@@ -72,15 +70,21 @@ def test_distillation_loss_and_gradient_equal_a_dense_reference_with_a_separate_
             assert torch.allclose(grads[n], p.grad.float(), rtol=1e-3, atol=1e-7), n
 
 
-def test_distillation_loss_is_zero_when_no_layer_is_lazy_and_positive_when_some_are():
+@pytest.mark.parametrize("settings", [DistillSettings(), DistillSettings(2.0, 0), DistillSettings(1.0, 5)])
+def test_distillation_loss_and_gradient_are_zero_when_the_student_is_the_teacher(settings):
+    """No lazy layer and LoRA as initialised (B = 0): the student is the original model, so the loss and its
+    gradient vanish, whatever the temperature and top-k; with lazy layers they do not."""
     row = _row()
     fresh = _lora(convert_to_hybrid(tiny_model("llama", 4), HybridConfig([], 2, 8)), seed=2)
-    for n, p in fresh.named_parameters():  # LoRA as initialised: B = 0
+    for n, p in fresh.named_parameters():
         if "lora_B" in n:
             torch.nn.init.zeros_(p)
-    assert token_loss_sum(fresh, dict(row), distill=DistillSettings()).item() == pytest.approx(0.0, abs=1e-6)
+    loss = token_loss_sum(fresh, dict(row), distill=settings)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert all(p.grad.abs().max() < 1e-6 for p in fresh.parameters() if p.requires_grad)
     lazy = convert_to_hybrid(tiny_model("llama", 4), HybridConfig([1, 3], 2, 8))
-    assert token_loss_sum(lazy, dict(row), distill=DistillSettings()).item() > 1e-3
+    assert token_loss_sum(lazy, dict(row), distill=settings).item() > 1e-3
 
 
 def test_the_teacher_is_the_original_model_and_the_hybrid_comes_back_after_it():
@@ -108,8 +112,12 @@ def test_distillation_settings_are_checked():
         distill_settings(tr(mode="full"))
     with pytest.raises(ValueError, match="temperature must be > 0"):
         distill_settings(tr(distill={"temperature": 0}))
-    with pytest.raises(ValueError, match="top_k must be >= 0"):
+    with pytest.raises(ValueError, match="top_k must be an integer >= 0"):
         distill_settings(tr(distill={"top_k": -1}))
+    with pytest.raises(ValueError, match="top_k must be an integer >= 0"):
+        distill_settings(tr(distill={"top_k": 2.5}))
+    with pytest.raises(ValueError, match="applies to train.objective=distill"):
+        distill_settings(OmegaConf.create({"mode": "lora", "objective": "sft", "distill": {"top_k": 50}}))
 
 
 def _log(d):

@@ -141,6 +141,10 @@ def test_lt_hybrid_arguments_and_registration():
         HybridLM(pretrained="tiny", lazy_layers="1", online_num_lazy=1)
     with pytest.raises(ValueError, match="out of range|layer"):
         HybridLM(pretrained="tiny", lazy_layers="7")
+    with pytest.raises(ValueError, match=r"does not take \['lazy_layer', 'peft'\]"):  # a typo, an unused HFLM arg
+        HybridLM(pretrained="tiny", lazy_layer="1;3", peft="adapter/")
+    with pytest.raises(ValueError, match="make no hybrid alone"):
+        HybridLM(pretrained="tiny", window=64)
 
 
 @pytest.mark.slow

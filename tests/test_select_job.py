@@ -12,7 +12,7 @@ from train_helpers import torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "conf")
-TINY = ["model=tiny", "data=demo", "data.num_samples=3", "data.max_length=1500", "lazy.recent_tokens=32",
+TINY = ["model=tiny", "data=demo", "data.num_samples=3", "data.max_length=1500", "lazy.window=32",
         "lazy.last_queries=8", "lazy.nll_samples=2"]
 
 
@@ -29,7 +29,7 @@ def test_selection_job_writes_json_and_chart(tmp_path, strategy):
     assert len(data["per_layer_ratio"]) == 4 and len(data["per_head_ratio"][0]) == 4
     assert len(data["per_sample"]) == 3 and data["data"]["used"] == 3 and data["model"]["name"] == "tiny"
     # the settings a later run reads back (load_hybrid / hybrid.from_file take S and W from here)
-    assert (data["sink_tokens"], data["recent_tokens"], data["last_queries"]) == (4, 32, 8)
+    assert (data["sink_tokens"], data["window"], data["last_queries"]) == (4, 32, 8)
     assert data["strategy"] == ("nll" if strategy == "default" else strategy)
     assert "revision" in data["model"] and data["model"]["model_type"] == "llama" and data["num_layers"] == 4
     assert (tmp_path / "lazy_ratios.png").read_bytes()[:4] == b"\x89PNG"
@@ -48,7 +48,7 @@ def test_selection_job_bad_inputs(tmp_path):
 
 def test_short_samples_are_reported(tmp_path):
     with pytest.warns(UserWarning, match="3 of 3 samples have T <="):
-        res = run(_cfg(TINY + ["lazy.recent_tokens=2000", "lazy.strategy=ratio", f"output_dir={tmp_path}"]))
+        res = run(_cfg(TINY + ["lazy.window=2000", "lazy.strategy=ratio", f"output_dir={tmp_path}"]))
     assert res["short_samples"] == 3
 
 

@@ -46,7 +46,7 @@ def _reference_step(cfg, weights: dict, rows: list[list[int]], examples) -> tupl
     from lt_train.models import tiny_model, tiny_tokenizer
 
     model = tiny_model(cfg.model.arch, int(cfg.model.num_layers), int(cfg.model.get("seed", 0)))
-    convert_to_hybrid(model, HybridConfig(list(cfg.lazy.layers), cfg.lazy.sink_tokens, cfg.lazy.recent_tokens))
+    convert_to_hybrid(model, HybridConfig(list(cfg.lazy.layers), cfg.lazy.sink_tokens, cfg.lazy.window))
     if cfg.train.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -106,8 +106,9 @@ def test_logged_losses_and_gradient_norms_equal_an_independent_cross_entropy(tmp
 
 def test_a_selection_file_brings_its_sinks_and_window(tmp_path):
     """lazy.from_file written with S=0 (the config's default is 4): the run plans, trains and exports S=0; a
-    command-line value that contradicts the file (the test runs pass lazy.recent_tokens=64; here a file written
-    with W=16, and lazy.sink_tokens=4 against S=0) is refused before training, naming both."""
+    command-line value that contradicts the file (the test runs pass lazy.window=64; here a file written
+    with W=16, and lazy.sink_tokens=4 against S=0) is refused before training, naming both. The files are written
+    with the window's former key, recent_tokens, as files from earlier releases are."""
     from lt_train import load_hybrid
     from lt_train.hybrid import HybridConfig
 
@@ -125,7 +126,7 @@ def test_a_selection_file_brings_its_sinks_and_window(tmp_path):
     with open(tmp_path / "a" / "plan.json", encoding="utf-8") as f:
         planned = json.load(f)["settings"]
     assert (planned["sink_tokens"], planned["window"], planned["lazy_layers"]) == (0, 64, 2)
-    for name, args, said in [("w16.json", selection("w16.json", 4, 16), ("lazy.recent_tokens=64", "recent_tokens=16")),
+    for name, args, said in [("w16.json", selection("w16.json", 4, 16), ("lazy.window=64", "window=16")),
                              ("s4.json", selection("s0.json", 0, 64) + ["lazy.sink_tokens=4"],
                               ("lazy.sink_tokens=4", "sink_tokens=0"))]:
         bad = run_train(tmp_path / f"run-{name}", args)
@@ -163,7 +164,8 @@ def test_resuming_with_another_step_size_is_refused_and_the_same_size_resumes(tm
     ("lazy.num_lazy=7", "num_lazy=7 is out of range for a model with 4 layers"),
     ("lazy.num_lazy=1.5", "num_lazy as a fraction must be in (0, 1]"),
     ("lazy.sink_tokens=-1", "lazy.sink_tokens must be an integer >= 0, got -1"),
-    ("lazy.recent_tokens=0", "lazy.recent_tokens must be an integer >= 1, got 0"),
+    ("lazy.window=0", "lazy.window must be an integer >= 1, got 0"),
+    ("lazy.recent_tokens=0", "lazy.window must be an integer >= 1, got 0"),  # the former name, still read
     ("lazy.last_queries=0", "lazy.last_queries must be an integer >= 1"),
     ("lazy.nll_samples=0", "lazy.nll_samples must be an integer >= 1"),
     ("distributed.timeout_minutes=0", "distributed.timeout_minutes must be > 0"),
@@ -177,6 +179,15 @@ def test_every_lazy_setting_is_checked_before_anything_loads(override, message):
     with pytest.raises(ValueError) as e:
         validate(cfg, 1)
     assert message in str(e.value)
+
+
+def test_the_windows_former_name_is_read_with_a_deprecation_message(capsys):
+    from lt_train.train.config import validate
+
+    cfg = _compose(["lazy.layers=null", "lazy.recent_tokens=32"])
+    validate(cfg, 1)
+    assert cfg.lazy.window == 32 and cfg.lazy.recent_tokens is None
+    assert "lazy.recent_tokens is deprecated: it is now lazy.window" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

@@ -7,7 +7,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model=tiny", "data.num_samples=24", "data.max_length=1500", "train.pack_length=1600", "train.grad_accum=1",
-        "lazy.recent_tokens=64", "lazy.layers=[1,3]", "validation.heldout=2", "validation.accuracy_problems=0"]
+        "lazy.window=64", "lazy.layers=[1,3]", "validation.heldout=2", "validation.accuracy_problems=0"]
 
 
 def torchrun(nproc: int) -> list[str]:

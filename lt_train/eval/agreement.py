@@ -5,7 +5,7 @@ with the installed `lm_eval` (`gsm8k`, `gsm8k_cot`: "strict-match" and "flexible
 `exact_match` and the task's own settings; math-verify is called as its README does it (`verify(parse(gold),
 parse(output))`). `compare` grades every output both ways and lists the rows where the two disagree;
 `benchmarks/grader_agreement.py` prints the tables, and the judged disagreements live in
-`tests/fixtures/grader_agreement.json` so that any change in either direction fails a test.
+`tests/fixtures/grader_agreement/judged.json` so that any change in either direction fails a test.
 """
 from __future__ import annotations
 
@@ -52,12 +52,15 @@ class LmEvalGSM8K:
             raise ValueError(f"lm-eval task {task!r} has no filter {filter_name!r}")
         self.filters = [get_filter(f["function"])(**{k: v for k, v in f.items() if k != "function"})
                         for f in spec["filter"]]
+        self.until = list((cfg.get("generation_kwargs") or {}).get("until") or [])
         metric = next(m for m in cfg["metric_list"] if m["metric"] == "exact_match")
         self.metric_kwargs = {k: metric[k] for k in ("regexes_to_ignore", "ignore_case", "ignore_punctuation")
                               if k in metric}
         self.name = f"lm-eval {task} {filter_name}"
 
     def extract(self, output: str) -> str:
+        for stop in self.until:  # generation stops there in lm-eval; the filters see the text before it
+            output = output.split(stop)[0]
         resps = [[output]]
         for f in self.filters:
             resps = list(f.apply(resps, [{}]))

@@ -8,7 +8,8 @@ around a model that lt_train loaded and converted: `generate_until` runs `model.
 model answers with its hybrid cache, and `loglikelihood` / `loglikelihood_rolling` run the forward with streaming
 attention in the lazy layers. `pretrained` is a built-in name, a local directory or a hub id; a checkpoint saved
 hybrid comes back hybrid, otherwise `lazy_layers` (separated by ';' because lm-eval splits its arguments at
-commas), `from_file` (a launch/select_lazy.py selection, its S and W used) or `online_num_lazy` make it hybrid.
+commas), `from_file` (a launch/select_lazy.py selection, its S and W used) or `online_num_lazy` make it hybrid,
+with `sink_tokens`, `window` and `attention_backend`. An argument it would not act on is an error, not ignored.
 
 lm-eval 0.4.13 finds external models only once their module is imported, so `lt-lm-eval` (this module's `main`)
 imports it and then runs lm-eval's own command line; releases that read the `lm_eval.models` entry point (declared
@@ -16,7 +17,6 @@ in pyproject.toml) find `lt_hybrid` from the plain `lm_eval` command too.
 """
 from __future__ import annotations
 
-import logging
 import re
 
 import torch
@@ -45,22 +45,41 @@ def parse_layers(value) -> list[int] | None:
                          "--model_args at commas), e.g. lazy_layers=1;3;5") from None
 
 
+# HFLM's arguments that still act on a model passed in built (the rest, such as peft, subfolder or device
+# placement, are read only when HFLM loads the model itself, and would be dropped without a word)
+HFLM_ARGS = frozenset({"batch_size", "max_batch_size", "truncation", "logits_cache", "max_length", "softmax_dtype",
+                       "mixed_precision_dtype", "add_bos_token", "prefix_token_id", "think_end_token",
+                       "enable_thinking", "chat_template_args"})
+
+
 @register_model("lt_hybrid")
 class HybridLM(HFLM):
     """lm-eval's HFLM over an lt_train hybrid (or, with no hybrid settings, the full model it was loaded as)."""
 
     def __init__(self, pretrained: str = "smollm2-135m", lazy_layers=None, from_file: str | None = None,
-                 online_num_lazy=None, online_criterion: str = "error", sink_tokens: int = 4, window: int = 1020,
-                 backend: str = "auto", dtype: str = "float32", device: str | None = None,
-                 trust_remote_code: bool = False, revision: str | None = None, arch: str = "llama",
-                 num_layers: int = 4, **kwargs):
+                 online_num_lazy=None, online_criterion: str = "error", sink_tokens: int | None = None,
+                 window: int | None = None, attention_backend: str | None = None, dtype: str = "auto",
+                 attn_implementation: str = "sdpa", device: str | None = None, trust_remote_code: bool = False,
+                 revision: str | None = None, arch: str = "llama", num_layers: int = 4, **kwargs):
+        unknown = sorted(set(kwargs) - HFLM_ARGS)
+        if unknown:
+            raise ValueError(f"lt_hybrid does not take {unknown}: its own arguments are pretrained, lazy_layers, "
+                             "from_file, online_num_lazy, online_criterion, sink_tokens, window, attention_backend, "
+                             "dtype, attn_implementation, device, trust_remote_code, revision; and of HFLM's, "
+                             f"{sorted(HFLM_ARGS)}")
         model, tokenizer = load_from_config({
             "name": str(pretrained), "dtype": dtype, "trust_remote_code": bool(trust_remote_code),
-            "revision": revision, "arch": arch, "num_layers": int(num_layers)})
+            "revision": revision, "arch": arch, "num_layers": int(num_layers),
+            "attn_implementation": attn_implementation})
         hcfg = OmegaConf.create({"lazy_layers": parse_layers(lazy_layers), "from_file": from_file,
                                  "online_num_lazy": online_num_lazy, "online_criterion": online_criterion,
-                                 "sink_tokens": int(sink_tokens), "window": int(window), "backend": backend})
+                                 "sink_tokens": 4 if sink_tokens is None else int(sink_tokens),
+                                 "window": 1020 if window is None else int(window),
+                                 "backend": attention_backend or "auto"})
         hybrid = hybrid_from_config(hcfg)
+        if hybrid is None and (sink_tokens, window, attention_backend) != (None, None, None):
+            raise ValueError("sink_tokens / window / attention_backend make no hybrid alone: also give lazy_layers, "
+                             "from_file or online_num_lazy")
         if hybrid is not None:
             if getattr(model.config.get_text_config(decoder=True), CONFIG_KEY, None) is not None:
                 raise ValueError(f"{pretrained} is saved hybrid already; drop lazy_layers / from_file / "

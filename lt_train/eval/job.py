@@ -46,7 +46,7 @@ def hybrid_from_config(hcfg) -> HybridConfig | None:
         sel = read_selection(str(hcfg.from_file), "hybrid.from_file")
         # the layers were chosen for the file's S and W: use those
         return HybridConfig(list(sel["lazy_layers"]), int(sel.get("sink_tokens", S)),
-                            int(sel.get("recent_tokens", W)), backend)
+                            int(sel.get("window", W)), backend)
     return HybridConfig([int(i) for i in hcfg.lazy_layers], S, W, backend)
 
 

@@ -16,15 +16,20 @@ def distill_settings(tr):
     objective = tr.get("objective", "sft")
     if objective not in OBJECTIVES:
         raise ValueError(f"train.objective must be one of {OBJECTIVES}, got {objective!r}")
+    d = tr.get("distill") or {}
     if objective == "sft":
+        if float(d.get("temperature", 1.0)) != 1.0 or d.get("top_k"):
+            raise ValueError(f"train.distill.* ({dict(d)}) applies to train.objective=distill; this run is sft")
         return None
     if tr.mode != "lora":
         # the teacher is the same weights with the adapters off; under full fine-tuning the weights themselves
         # move, so the original would need a frozen copy (twice the weights) or logits precomputed to disk
         raise ValueError("train.objective=distill needs train=lora: the original model is the same weights with "
                          "the adapters disabled (full fine-tuning would need a second, frozen copy of the model)")
-    d = tr.get("distill") or {}
-    return DistillSettings(float(d.get("temperature", 1.0)), int(d.get("top_k", 0) or 0))
+    top_k = d.get("top_k", 0) or 0
+    if isinstance(top_k, float) and top_k.is_integer():
+        top_k = int(top_k)
+    return DistillSettings(float(d.get("temperature", 1.0)), top_k)
 
 
 def text_config_of(mcfg):
@@ -125,14 +130,33 @@ def _command_line_keys() -> set[str]:
     return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task if "=" in o}
 
 
+def resolve_window_alias(cfg) -> None:
+    """`lazy.recent_tokens`, the former name of `lazy.window`: still read, with a deprecation message; set to a
+    different value than a `lazy.window` given on the command line, refused."""
+    from omegaconf import open_dict
+
+    lz = cfg.lazy
+    old = lz.get("recent_tokens")
+    if old is None:
+        return
+    if "lazy.window" in _command_line_keys() and int(lz.window) != int(old):
+        raise ValueError(f"lazy.window={lz.window} and lazy.recent_tokens={old} (its former name) disagree: "
+                         "give lazy.window only")
+    print(f"lazy.recent_tokens is deprecated: it is now lazy.window (taken as lazy.window={old})", flush=True)
+    with open_dict(cfg):
+        lz.window = old
+        lz.recent_tokens = None
+
+
 def _validate_lazy(cfg) -> None:
     """Every `lazy.*` value, before anything loads; a selection file applied (`apply_selection_file`)."""
     from ..lazy import STRATEGIES
 
+    resolve_window_alias(cfg)
     lz = cfg.lazy
     if lz.get("strategy") not in STRATEGIES:
         raise ValueError(f"lazy.strategy={lz.get('strategy')!r} is not one of {STRATEGIES}")
-    for key, low in (("sink_tokens", 0), ("recent_tokens", 1), ("last_queries", 1), ("max_samples", 1),
+    for key, low in (("sink_tokens", 0), ("window", 1), ("last_queries", 1), ("max_samples", 1),
                      ("nll_samples", 1)):
         v = lz.get(key)
         if v is None and key == "max_samples":
@@ -152,6 +176,7 @@ def apply_selection_file(cfg) -> None:
 
     from ..lazy import read_selection
 
+    resolve_window_alias(cfg)
     lz = cfg.lazy
     if not lz.get("from_file"):
         return
@@ -160,8 +185,10 @@ def apply_selection_file(cfg) -> None:
                                 "launch/select_lazy.py, or set lazy.from_file=null to select inside this run")
     sel = read_selection(str(lz.from_file), "lazy.from_file")
     given = _command_line_keys()
+    if "lazy.recent_tokens" in given:  # the window's former name
+        given.add("lazy.window")
     with open_dict(cfg):
-        for key in ("sink_tokens", "recent_tokens"):
+        for key in ("sink_tokens", "window"):
             if key not in sel:
                 continue
             if f"lazy.{key}" in given and int(lz[key]) != int(sel[key]):

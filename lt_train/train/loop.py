@@ -97,16 +97,16 @@ def _choose_lazy(cfg, model, train_encoded, out_dir, rank, lockstep: bool = Fals
         return [int(i) for i in lz.layers]
     if lz.get("from_file"):  # read by validate(), which also took the file's S and W
         layers = list(lz.file_layers)
-        _log(rank, f"lazy layers from {lz.from_file}: {layers} (S={lz.sink_tokens}, W={lz.recent_tokens})")
+        _log(rank, f"lazy layers from {lz.from_file}: {layers} (S={lz.sink_tokens}, W={lz.window})")
         return layers
     samples = [e.input_ids for e in train_encoded[: lz.get("max_samples") or len(train_encoded)]]
-    sel = select_with_stats(model, samples, lz.num_lazy, lz.strategy, lz.sink_tokens, lz.recent_tokens,
+    sel = select_with_stats(model, samples, lz.num_lazy, lz.strategy, lz.sink_tokens, lz.window,
                             lz.last_queries, lz.seed, lz.get("nll_samples", 4), progress=rank == 0,
                             lockstep=lockstep)
     if rank == 0:
         atomic_write_json(os.path.join(out_dir, "lazy_layers.json"),
                           {"lazy_layers": sel.layers, "strategy": sel.strategy, "per_layer_ratio": sel.per_layer_ratio,
-                           "delta_nll": sel.delta_nll, "sink_tokens": lz.sink_tokens, "recent_tokens": lz.recent_tokens})
+                           "delta_nll": sel.delta_nll, "sink_tokens": lz.sink_tokens, "window": lz.window})
     _log(rank, f"lazy layers ({sel.strategy}): {sel.layers}")
     return sel.layers
 
@@ -330,7 +330,7 @@ def train(cfg) -> dict:
     with _partitioned_forwards(model, ds_config if zero3 and _selects(cfg) else None):
         lazy = _choose_lazy(cfg, model, train_enc, out_dir, rank, lockstep=zero3)
         barrier()
-    hc = HybridConfig(lazy, cfg.lazy.sink_tokens, cfg.lazy.recent_tokens, cfg.lazy.get("backend", "auto"))
+    hc = HybridConfig(lazy, cfg.lazy.sink_tokens, cfg.lazy.window, cfg.lazy.get("backend", "auto"))
     convert_to_hybrid(model, hc)
 
     model = _wrap_trainable(cfg, model)
@@ -522,7 +522,7 @@ def _plain(cfg) -> dict:
 
 def _write_summary(out_dir: str, results: dict, lazy: list[int], cfg) -> None:
     lines = [f"# lt_train summary: {cfg.model.name}, {len(lazy)} lazy layers {lazy}, S={cfg.lazy.sink_tokens} "
-             f"W={cfg.lazy.recent_tokens}, {cfg.train.mode}", "", "| model | held-out NLL | demo accuracy |",
+             f"W={cfg.lazy.window}, {cfg.train.mode}", "", "| model | held-out NLL | demo accuracy |",
              "|---|---:|---:|"]
     for k, v in results.items():
         acc = "n/a" if v["demo_accuracy"] is None else f"{v['demo_accuracy']:.3f}"
