@@ -117,6 +117,10 @@ def test_timeout_works_off_the_main_thread_and_is_counted():
         g.close()
 
 
+def _mode(row_id: str) -> str:
+    return "aime" if "aime" in row_id else "gsm8k" if "gsm8k" in row_id else "math"
+
+
 @pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, "model_outputs.jsonl")),
                     reason="../shared/data/model_outputs.jsonl is not present")
 def test_agreement_with_lm_eval_math_verify_and_the_sources_on_real_outputs():
