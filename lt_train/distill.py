@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .hybrid import attention_modules
-from .nll import _targets, decoder_of
+from .nll import _targets, chunked_sum, decoder_of, tiled_head_loss, tiled_shards
 
 
 @dataclass(frozen=True)
@@ -85,12 +85,7 @@ def head_kl_sum(model, hidden: torch.Tensor, teacher_hidden: torch.Tensor, label
             teacher = head(ht)
         return kl_sum(head(h), teacher, m, s)
 
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for a in range(0, y.shape[1], chunk):
-        h, ht, m = x[:, a : a + chunk], xt[:, a : a + chunk], (y[:, a : a + chunk] != -100).float()
-        total = total + (torch.utils.checkpoint.checkpoint(part, h, ht, m, use_reentrant=False)
-                         if torch.is_grad_enabled() else part(h, ht, m))
-    return total
+    return chunked_sum(part, (x, xt, (y != -100).float()), chunk)
 
 
 def zero3_head_kl_sum(model, hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor,
@@ -99,11 +94,6 @@ def zero3_head_kl_sum(model, hidden: torch.Tensor, teacher_hidden: torch.Tensor,
     """`head_kl_sum` x `scale` under ZeRO-3, through DeepSpeed's tiled loss like `nll.zero3_head_loss_sum`: the
     teacher's states ride along as the tiled loss's `y`, the target mask as its `mask`, so each shard makes both
     logits while the head's weight is gathered once."""
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
-
-    from .nll import tiled_shards
-
-    head = model.get_output_embeddings()
     x, y = _targets(hidden, labels, shifted)
     xt, _ = _targets(teacher_hidden, labels, shifted)
     mask = (y != -100).float()
@@ -114,11 +104,4 @@ def zero3_head_kl_sum(model, hidden: torch.Tensor, teacher_hidden: torch.Tensor,
             teacher = head_module(ts)
         return kl_sum(head_module(xs), teacher, ms, s) * scale
 
-    w = head.weight
-    if w is not model.get_input_embeddings().weight:
-        return TiledFusedLogitsLoss.apply(fn, head, x, xt, mask, shards, [w], "sum")
-    w.ds_grad_is_ready = False  # tied embeddings: see nll.zero3_head_loss_sum
-    try:
-        return TiledFusedLogitsLoss.apply(fn, head, x, xt, mask, shards, [], "sum")
-    finally:
-        w.ds_grad_is_ready = True
+    return tiled_head_loss(model, fn, x, xt, mask, shards)

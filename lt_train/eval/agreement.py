@@ -67,11 +67,11 @@ class LmEvalGSM8K:
         got = resps[0]
         return got[0] if isinstance(got, list) else got  # take_first leaves one string per instance
 
-    def grade(self, output: str, reference: str) -> bool:
+    def grade(self, row: Row) -> bool:
         from lm_eval.api.metrics import exact_match_hf_evaluate
 
-        pred = self.extract(output)
-        return bool(exact_match_hf_evaluate([pred], [reference], **self.metric_kwargs)["exact_match"])
+        pred = self.extract(row.output)
+        return bool(exact_match_hf_evaluate([pred], [row.answer], **self.metric_kwargs)["exact_match"])
 
 
 class MathVerify:
@@ -79,11 +79,11 @@ class MathVerify:
 
     name = "math-verify parse+verify"
 
-    def grade(self, output: str, reference: str) -> bool:
+    def grade(self, row: Row) -> bool:
         from math_verify import parse, verify
 
-        gold = parse(f"${reference}$")
-        pred = parse(output)
+        gold = parse(f"${row.answer}$")
+        pred = parse(row.output)
         return bool(gold) and bool(pred) and bool(verify(gold, pred))
 
 
@@ -96,8 +96,8 @@ class SourceVerdict:
     def __init__(self, verdicts: dict[str, bool]):
         self.verdicts = verdicts
 
-    def grade(self, row_id: str, output: str, reference: str) -> bool | None:
-        return self.verdicts.get(row_id)
+    def grade(self, row: Row) -> bool | None:
+        return self.verdicts.get(row.id)
 
 
 def references(kind: str) -> list:
@@ -120,9 +120,8 @@ def compare(rows: list[Row], refs: list, grader: Grader | None = None) -> tuple[
     for ref in refs:
         table = tables.setdefault(ref.name, {})
         for r in rows:
-            theirs = ref.grade(r.id, r.output, r.answer) if isinstance(ref, SourceVerdict) else \
-                ref.grade(r.output, r.answer)
-            if theirs is None:
+            theirs = ref.grade(r)
+            if theirs is None:  # no verdict for this row
                 continue
             cell = ("both" if ours[r.id] else "theirs only") if theirs else ("ours only" if ours[r.id] else "neither")
             counts = table.setdefault(r.group, {"both": 0, "ours only": 0, "theirs only": 0, "neither": 0})
@@ -132,15 +131,15 @@ def compare(rows: list[Row], refs: list, grader: Grader | None = None) -> tuple[
     return tables, disagreements
 
 
-def shared_rows(data_dir: str) -> tuple[list[Row], list[Row], dict[str, bool]]:
-    """The real outputs of `model_outputs.jsonl`: (GSM8K rows, MATH-500 and AIME rows, the sources' own verdicts
-    by row id where stored). GSM8K references are the full solutions of `gsm8k_test.jsonl` (what lm-eval's gsm8k
-    task compares against)."""
-    solutions = {}
+def gsm8k_solutions(data_dir: str) -> dict[str, str]:
+    """GSM8K test id -> its full "... #### n" solution (what lm-eval's gsm8k task compares against)."""
     with open(os.path.join(data_dir, "gsm8k_test.jsonl")) as f:
-        for line in f:
-            d = json.loads(line)
-            solutions[d["id"]] = d["solution"]
+        return {d["id"]: d["solution"] for d in map(json.loads, f)}
+
+
+def shared_rows(data_dir: str, solutions: dict[str, str]) -> tuple[list[Row], list[Row], dict[str, bool]]:
+    """The real outputs of `model_outputs.jsonl`: (GSM8K rows, MATH-500 and AIME rows, the sources' own verdicts
+    by row id where stored). GSM8K references are the full `solutions`."""
     gsm, math, verdicts = [], [], {}
     with open(os.path.join(data_dir, "model_outputs.jsonl")) as f:
         for line in f:
@@ -158,9 +157,10 @@ def shared_rows(data_dir: str) -> tuple[list[Row], list[Row], dict[str, bool]]:
 def corpus(data_dir: str, generated_dir: str | None = None) -> tuple[list[Row], list[Row], dict[str, bool]]:
     """(GSM8K rows, MATH/AIME rows, the sources' verdicts): model_outputs.jsonl, plus the outputs our models wrote
     on GSM8K (`<generated_dir>/*_gsm8k.jsonl`, named by the file)."""
-    gsm, math, verdicts = shared_rows(data_dir)
+    solutions = gsm8k_solutions(data_dir)
+    gsm, math, verdicts = shared_rows(data_dir, solutions)
     for path in sorted(glob.glob(os.path.join(generated_dir, "*_gsm8k.jsonl"))) if generated_dir else []:
-        gsm += generated_rows(path, data_dir, os.path.basename(path)[: -len(".jsonl")])
+        gsm += generated_rows(path, solutions, os.path.basename(path)[: -len(".jsonl")])
     return gsm, math, verdicts
 
 
@@ -202,14 +202,9 @@ def key(d: dict) -> tuple:
     return d["id"], d["reference"], d["ours"], d["theirs"]
 
 
-def generated_rows(path: str, data_dir: str, group: str) -> list[Row]:
+def generated_rows(path: str, solutions: dict[str, str], group: str) -> list[Row]:
     """Outputs our own evaluator wrote on GSM8K (a samples.jsonl, or a fixture of {id, output}), with the
-    references of `gsm8k_test.jsonl`."""
-    solutions = {}
-    with open(os.path.join(data_dir, "gsm8k_test.jsonl")) as f:
-        for line in f:
-            d = json.loads(line)
-            solutions[d["id"]] = d["solution"]
+    references of `gsm8k_solutions`."""
     rows = []
     with open(path) as f:
         for line in f:
