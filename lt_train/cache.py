@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 import transformers
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, StaticLayer
+from transformers.utils import is_torchdynamo_compiling
 
 from .hybrid_config import HybridConfig
 
@@ -271,6 +272,17 @@ class StreamingLayer(_CountedLayer):
         return self.keys[:, :, lo:hi], self.values[:, :, lo:hi]
 
     def _store(self, k, v, pos, idx, valid) -> None:
+        self._write(k, v, pos, idx, valid)
+        S = self.sink
+        # host-side flags for the decode fast path (a device sync, once per call of several tokens)
+        self.sinks_full = bool((self.pos[:, :S] != INVALID_POS).all()) if S > 0 else True
+        pad_idx = torch.where(valid, -1, idx)
+        odd_idx = torch.where(valid & (pos >= S), -1, idx)
+        self.last_pad = max(self.last_pad, int(pad_idx.max()))
+        self.last_odd = max(self.last_odd, int(odd_idx.max()))
+
+    def _write(self, k, v, pos, idx, valid) -> None:
+        """Store tokens in place, by device tensors only: sinks by position id, the ring by cache index."""
         B, _, q, _ = k.shape
         S, R = self.sink, self.ring
         if S > 0:
@@ -294,12 +306,6 @@ class StreamingLayer(_CountedLayer):
             self.values.index_copy_(2, slots, v[:, :, q - n :])
             self.pos.index_copy_(1, slots, keep_pos)
             self.idx.index_copy_(1, slots, idx[:, q - n :])
-        # host-side flags for the decode fast path (a device sync, once per call of several tokens)
-        self.sinks_full = bool((self.pos[:, :S] != INVALID_POS).all()) if S > 0 else True
-        pad_idx = torch.where(valid, -1, idx)
-        odd_idx = torch.where(valid & (pos >= S), -1, idx)
-        self.last_pad = max(self.last_pad, int(pad_idx.max()))
-        self.last_odd = max(self.last_odd, int(odd_idx.max()))
 
     def reset(self) -> None:
         self.keys = self.values = None
@@ -324,8 +330,107 @@ class StreamingLayer(_CountedLayer):
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.pos, self.idx))
 
 
+class StaticStreamingLayer(StreamingLayer):
+    """A `StreamingLayer` whose decode step compiles to one graph (`torch.compile(fullgraph=True)`, CUDA graphs):
+    its buffer of S + W slots is allocated once at the first update, at a fixed address, and a one-token step
+    reads and writes it by device tensors only — the token's ring slot comes from a token counter kept as a
+    tensor, the mask from the position ids and cache indices stored beside each slot — so no Python value that
+    changes per step enters the step and nothing recompiles as decoding goes on (through the ring's wrap, past
+    the window, with left padding). Each step attends over all S + W slots with that mask: the attention is the
+    same as the eager layer's, at the cost of masked slots while the ring fills. Calls of several tokens
+    (prefill, chunks) run eager through `StreamingLayer`'s general path."""
+
+    is_compileable = True
+
+    def __init__(self, sink_tokens: int, window: int, max_cache_len: int, **kwargs):
+        super().__init__(sink_tokens, window, max_cache_len)
+        self.cumulative_length = torch.tensor(0, dtype=torch.long)  # a tensor: read in the step without a guard
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        # a sequence shorter than the window never wraps: t % W < max_cache_len
+        self._grow(self.max_cache_len)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not is_torchdynamo_compiling():  # fixed addresses, so CUDA graphs can replay the step
+            for t in (self.keys, self.values, self.pos, self.idx, self.cumulative_length):
+                torch._dynamo.mark_static_address(t)
+
+    def _grow(self, tokens: int) -> None:
+        if self.keys.shape[2] == 0:  # only the first allocation: a static buffer never moves
+            super()._grow(tokens)
+
+    def update(self, key_states, value_states, *args, kwargs: dict | None = None, **_):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != self.keys.shape[0]:
+            raise ValueError(f"a static hybrid cache sized for batch {self.keys.shape[0]} got a batch of "
+                             f"{key_states.shape[0]}; build the cache for this batch")
+        pos = kwargs.get("position_ids") if kwargs is not None else None
+        if key_states.shape[2] == 1:
+            return self._static_step(key_states, value_states, pos, kwargs)
+        self.seen = int(self.cumulative_length)  # eager: a host sync is fine here
+        if self.seen + key_states.shape[2] > self.max_cache_len:
+            raise ValueError(f"the static hybrid cache holds {self.max_cache_len} tokens; {self.seen} are in and "
+                             f"{key_states.shape[2]} more came: size it for prompt + new tokens")
+        out = super().update(key_states, value_states, kwargs=kwargs)
+        self.cumulative_length.fill_(self.seen)
+        return out
+
+    def _static_step(self, k, v, pos, kwargs):
+        B = k.shape[0]
+        idx = self.cumulative_length.view(1, 1).expand(B, 1)
+        pos = idx if pos is None else pos.to(self.device).expand(B, 1)
+        self._write(k, v, pos, idx, pos >= 0)
+        self.cumulative_length.add_(1)
+        if kwargs is not None:
+            kwargs[KV_META] = {"static": True, "pos": self.pos, "idx": self.idx, "valid": self._slot_validity(),
+                               "sink": self.sink, "window": self.ring}
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_cache_len, 0  # as transformers' StaticLayer: the mask never changes shape
+
+    def get_seq_length(self):
+        return self.cumulative_length if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        if self.is_initialized:  # keep the buffers (and their addresses): empty every slot
+            self.pos.fill_(INVALID_POS)
+            self.idx.fill_(-1)
+            self.cumulative_length.zero_()
+        self.seen = 0
+        self.sinks_full, self.last_pad, self.last_odd = False, -1, -1
+
+    def _select(self, fn) -> None:
+        raise NotImplementedError("a static hybrid cache keeps its batch: build one per batch")
+
+
+class StaticFullLayer(StaticLayer):
+    """transformers' `StaticLayer`, refusing a prefill that overflows it or a batch it was not sized for (the
+    decode step itself cannot check without a host sync: `generate` sizes the cache from its arguments)."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.is_initialized and key_states.shape[0] != self.keys.shape[0]:
+            raise ValueError(f"a static hybrid cache sized for batch {self.keys.shape[0]} got a batch of "
+                             f"{key_states.shape[0]}; build the cache for this batch")
+        if key_states.shape[2] > 1 and not is_torchdynamo_compiling():
+            seen = int(self.cumulative_length)
+            if seen + key_states.shape[2] > self.max_cache_len:
+                raise ValueError(f"the static hybrid cache holds {self.max_cache_len} tokens; {seen} are in and "
+                                 f"{key_states.shape[2]} more came: size it for prompt + new tokens")
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
 def _layer_nbytes(layer) -> int:
-    if isinstance(layer, (StreamingLayer, FullLayer)):
+    if isinstance(layer, (StreamingLayer, FullLayer, StaticFullLayer)):
         return layer.nbytes()
     if getattr(layer, "is_initialized", False) and layer.keys is not None:
         return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
@@ -349,21 +454,28 @@ class HybridCache(Cache):
     only an upper bound (rows that end at very different lengths): full layers grow with the tokens up to it."""
 
     def __init__(self, config, lazy_layers: list[int] | None = None, sink_tokens: int | None = None,
-                 window: int | None = None, max_cache_len: int | None = None, grow: bool = False):
+                 window: int | None = None, max_cache_len: int | None = None, grow: bool = False,
+                 static: bool = False):
         hc = HybridConfig.from_model_config(config) if lazy_layers is None else None
         lazy = set(lazy_layers if lazy_layers is not None else hc.lazy_layers)
         S = sink_tokens if sink_tokens is not None else hc.sink_tokens
         W = window if window is not None else hc.window
-        self.max_cache_len, self.grow = max_cache_len, grow
+        if static and (max_cache_len is None or grow):
+            raise ValueError("a static hybrid cache (for a compiled decode step) needs max_cache_len, the "
+                             "prompt + new tokens it must hold, and cannot grow")
+        self.max_cache_len, self.grow, self.static = max_cache_len, grow, static
         base = DynamicCache(config=config)
         n = config.get_text_config(decoder=True).num_hidden_layers
-        layers = [StreamingLayer(S, W, max_cache_len) if i in lazy else self._full_layer(base, i) for i in range(n)]
+        streaming = StaticStreamingLayer if static else StreamingLayer
+        layers = [streaming(S, W, max_cache_len) if i in lazy else self._full_layer(base, i) for i in range(n)]
         super().__init__(layers=layers)
 
     def _full_layer(self, base: DynamicCache, i: int):
         if i < len(base.layers) and type(base.layers[i]) is not DynamicLayer:
+            if self.static:
+                raise ValueError("a static hybrid cache does not support the model's own sliding-window layers")
             return base.layers[i]  # e.g. a sliding-window layer of the model's own config
-        return FullLayer(self.max_cache_len, self.grow)
+        return StaticFullLayer(self.max_cache_len) if self.static else FullLayer(self.max_cache_len, self.grow)
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held by the cache: total, full layers, lazy layers."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import check_backend, positional_streaming_sdpa, streaming_attention
@@ -80,7 +80,9 @@ def _prefill_layout(pos: torch.Tensor, mask_valid: torch.Tensor | None, key: tup
     t = torch.arange(T, device=pos.device)
     offset = (T - 1) - pos[:, -1]  # position = index - offset on the row's last run
     contiguous = pos == t - offset[:, None]
-    real = torch.ones_like(pos, dtype=torch.bool) if mask_valid is None else mask_valid[:, -T:]
+    # keys == queries: the cache was empty, so the mask's first T columns are these tokens (a static cache's mask
+    # has a column for every slot it holds, the rest empty)
+    real = torch.ones_like(pos, dtype=torch.bool) if mask_valid is None else mask_valid[:, :T]
     pad = real.to(torch.int8).argmax(1)
     if bool((real == (t[None] >= pad[:, None])).all()) and bool((~real | contiguous).all()):
         layout = ("fast", None, None) if not bool(pad.any() or offset.any()) else ("fast", pad, offset)
@@ -122,6 +124,8 @@ def _streaming_forward(module, query, key, value, attention_mask, scaling, spec:
             k_valid = k_valid & mask_valid[:, -K:]
     elif meta.get("decode"):  # HybridCache decode step: every slot it hands over is in view unless masked
         return _decode_attention(query, key, value, mask_valid, meta, scaling)
+    elif meta.get("static"):  # static (compilable) decode step: every slot, masked by device tensors only
+        return _static_decode_attention(query, key, value, pos, mask_valid, meta, scaling)
     else:  # HybridCache streaming layer: sinks + ring + new tokens, with their metadata
         k_pos, k_idx = meta["pos"], meta["idx"]
         q_idx = k_idx[:, K - Q :]
@@ -142,6 +146,17 @@ def _decode_attention(query, key, value, mask_valid, meta, scaling):
         mv = mask_valid[:, : key.shape[2]] if idx is None else mask_valid.gather(1, idx.clamp(0, mask_valid.shape[1] - 1))
         valid = mv if valid is None else valid & mv
     return one_query_sdpa(query, key, value, None if valid is None else valid[:, None, None, :], scaling)
+
+
+def _static_decode_attention(query, key, value, pos, mask_valid, meta, scaling):
+    """One query per row over all S + W slots of a `StaticStreamingLayer`: a slot is attended to when it holds a
+    token (`valid`), the caller's mask lets that token be seen (looked up by cache index), and the token is in
+    the query's view (a sink, or within the window)."""
+    k_pos, S, W = meta["pos"], meta["sink"], meta["window"]
+    ok = meta["valid"] & (k_pos <= pos) & ((k_pos < S) | (pos - k_pos < W))
+    if mask_valid is not None:
+        ok = ok & mask_valid.gather(1, meta["idx"].clamp(0, mask_valid.shape[1] - 1))
+    return one_query_sdpa(query, key, value, ok[:, None, None, :], scaling)
 
 
 def one_query_sdpa(query, key, value, mask, scaling) -> torch.Tensor:
@@ -234,22 +249,31 @@ def _register(base: str) -> str:
 # Caches of a converted model
 
 
-def make_cache(config, max_cache_len: int | None = None, grow: bool = False) -> Cache:
+def make_cache(config, max_cache_len: int | None = None, grow: bool = False, static: bool = False) -> Cache:
     """The cache `generate()` of a converted model uses: static lazy layers, or online selection.
-    `max_cache_len` (prompt + new tokens, when known) sizes the full layers' buffers once."""
+    `max_cache_len` (prompt + new tokens, when known) sizes the full layers' buffers once. `static`: every
+    buffer allocated once and a decode step that compiles to one graph (for a compiled decode)."""
     hc = HybridConfig.from_model_config(config)
     if hc.online_num_lazy is not None:
+        if static:
+            raise ValueError("online selection (LightTransfer-Test) picks its lazy layers during each prefill and "
+                             "has no static cache: decode it uncompiled, or fix the lazy layers")
         return OnlineHybridCache(config, hc.online_num_lazy, hc.sink_tokens, hc.window, hc.last_queries,
                                  max_cache_len=max_cache_len, criterion=hc.online_criterion, grow=grow)
-    return HybridCache(config, max_cache_len=max_cache_len, grow=grow)
+    return HybridCache(config, max_cache_len=max_cache_len, grow=grow, static=static)
 
 
-def new_cache(model, max_cache_len: int | None = None, grow: bool = False) -> Cache:
+def new_cache(model, max_cache_len: int | None = None, grow: bool = False, static: bool = False) -> Cache:
     """A fresh cache for `model.generate(cache=...)`: the hybrid cache of a converted model, else the
-    default dynamic cache. Passing it in lets the caller read its size afterwards."""
+    default dynamic cache (transformers' `StaticCache` when `static`). Passing it in lets the caller read its
+    size afterwards."""
     config = model.config
     if getattr(config.get_text_config(decoder=True), CONFIG_KEY, None) is not None:
-        return make_cache(config, max_cache_len, grow)
+        return make_cache(config, max_cache_len, grow, static)
+    if static:
+        if max_cache_len is None:
+            raise ValueError("a static cache needs max_cache_len (prompt + new tokens)")
+        return StaticCache(config=config, max_cache_len=max_cache_len)
     return DynamicCache(config=config)
 
 
@@ -272,11 +296,23 @@ def _longest(args, kwargs, gen_cfg) -> int | None:
 
 
 def _hybrid_generate(self, *args, **kwargs):
-    """`generate` that builds a `HybridCache` when the caller passed no cache of their own."""
+    """`generate` that builds a `HybridCache` when the caller passed no cache of their own: a static one, whose
+    decode step compiles, when the call asks transformers to compile (`compile_config=`)."""
     gen_cfg = kwargs.get("generation_config") or self.generation_config
     wants_cache = kwargs.get("use_cache", gen_cfg.use_cache) is not False
     if kwargs.get("cache") is None and wants_cache and getattr(gen_cfg, "cache_implementation", None) is None:
-        kwargs["cache"] = make_cache(self.config, _longest(args, kwargs, gen_cfg))
+        longest = _longest(args, kwargs, gen_cfg)
+        static = (kwargs.get("compile_config") or getattr(gen_cfg, "compile_config", None)) is not None
+        if static and longest is None:
+            raise ValueError("a compiled generate needs max_new_tokens (the static cache is sized from the prompt "
+                             "+ new tokens)")
+        kwargs["cache"] = make_cache(self.config, longest, static=static)
+    cache = kwargs.get("cache")
+    if getattr(cache, "static", False):
+        longest = _longest(args, kwargs, gen_cfg)
+        if longest is None or longest > cache.max_cache_len:
+            raise ValueError(f"the static hybrid cache holds {cache.max_cache_len} tokens, fewer than prompt + "
+                             f"max_new_tokens ({longest}): its decode step cannot check for overflow")
     return type(self).generate(self, *args, **kwargs)
 
 

@@ -98,8 +98,9 @@ def evaluate_one(mcfg, hybrid: HybridConfig | None, problems: list[Problem], ecf
     header = {"model": str(mcfg["name"]), "revision": mcfg.get("revision"), "dtype": str(mcfg.get("dtype")),
               "attention": attention, "benchmark": ecfg.name, "problems": len(problems),
               "problems_fingerprint": fingerprint(problems), "mode": ecfg.mode,
-              # the batch size may change between a crash and the resume (say, after running out of memory)
-              "generation": {k: v for k, v in gs.to_dict().items() if k != "batch_size"}}
+              # the batch size may change between a crash and the resume (say, after running out of memory), and
+              # compiling the decode does not change a token
+              "generation": {k: v for k, v in gs.to_dict().items() if k not in ("batch_size", "compile")}}
     rank, world_size = world()
     if rank == 0:
         SampleStore.init_dir(run_dir, header, overwrite=bool(ecfg.get("overwrite", False)))

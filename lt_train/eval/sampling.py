@@ -29,6 +29,7 @@ class GenSettings:
     seed: int
     instruction: str | None
     system_prompt: str | None
+    compile: bool = False  # decode steps through torch.compile over a static cache (see `compiled_step`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +56,7 @@ def gen_settings(ecfg) -> GenSettings:
         raise ValueError(f"eval.max_new_tokens and eval.batch_size must be >= 1, got {max_new} and {batch}")
     return GenSettings(n, greedy, 0.0 if greedy else temperature, 1.0 if greedy else top_p,
                        0 if greedy else int(ecfg.get("top_k", 0) or 0), max_new, batch, int(ecfg.get("seed", 0)),
-                       ecfg.get("instruction"), ecfg.get("system_prompt"))
+                       ecfg.get("instruction"), ecfg.get("system_prompt"), bool(ecfg.get("compile", False)))
 
 
 def build_prompt(tokenizer, question: str, instruction: str | None = None, system_prompt: str | None = None) -> str:
@@ -127,6 +128,26 @@ def draw(probs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
     return (probs / q).argmax(-1)
 
 
+# static cache lengths are rounded up to this, so batches of different prompt lengths share compiled steps
+COMPILE_BUCKET = 256
+
+
+def compiled_step(model):
+    """The decode forward of `model` compiled once (kept on the model): one graph with fixed shapes
+    (`fullgraph=True, dynamic=False`), CUDA graphs on a GPU (`reduce-overhead`). Inputs: tokens [B, 1], the
+    attention mask over every slot of a static cache [B, L], position ids [B, 1], the cache. A new batch size or
+    cache length compiles once more; within a batch nothing recompiles."""
+    fn = model.__dict__.get("_lt_compiled_step")
+    if fn is None:
+        def step(ids, mask, pos, cache):
+            return model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).logits[:, -1]
+
+        dev = next(model.parameters()).device
+        fn = torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead" if dev.type == "cuda" else None)
+        model.__dict__["_lt_compiled_step"] = fn
+    return fn
+
+
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[str], gs: GenSettings, seeds: list[int],
                    lockstep: bool = False) -> BatchOutput:
@@ -138,7 +159,10 @@ def generate_batch(model, tokenizer, prompts: list[str], gs: GenSettings, seeds:
 
     `lockstep`: every call makes exactly `max_new_tokens` forwards, finished rows kept in the batch and their later
     tokens dropped: the ranks of a ZeRO-3 model gather each module's weights in every forward (a collective), so
-    they must make as many, and this needs no collective per token to agree on when to stop."""
+    they must make as many, and this needs no collective per token to agree on when to stop.
+
+    `gs.compile`: decode steps run `compiled_step` over a static cache; finished rows keep their slot (their tokens
+    dropped) so that the step's shapes never change, and the loop ends when every row has finished."""
     dev = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -153,7 +177,15 @@ def generate_batch(model, tokenizer, prompts: list[str], gs: GenSettings, seeds:
     # prompt + max_new_tokens only bounds the full layers' buffers (grow=True): the rows of a reasoning batch end at
     # very different lengths, and buffers sized to it for tokens most rows never generate made the hybrid's peak
     # KV larger than the full model's DynamicCache (433 vs 388 MiB, GSM8K x8 at up to 2048 tokens)
-    cache = new_cache(model, max_cache_len=enc.input_ids.shape[1] + gs.max_new_tokens, grow=True)
+    P = enc.input_ids.shape[1]
+    if gs.compile:
+        L = -(-(P + gs.max_new_tokens) // COMPILE_BUCKET) * COMPILE_BUCKET
+        cache = new_cache(model, max_cache_len=L, static=True)
+        static_mask = enc.attention_mask.new_zeros(B, L)
+        static_mask[:, :P] = enc.attention_mask
+    else:
+        cache = new_cache(model, max_cache_len=P + gs.max_new_tokens, grow=True)
+    fixed = lockstep or gs.compile  # finished rows keep their slot in the batch
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
@@ -173,7 +205,7 @@ def generate_batch(model, tokenizer, prompts: list[str], gs: GenSettings, seeds:
         host = torch.stack([tok, torch.isin(tok, eos.to(tok.device)).long()]).tolist()
         done = [bool(d) for d in host[1]]
         for j, (r, t, d) in enumerate(zip(alive, host[0], done)):
-            if lockstep and finished[r]:
+            if fixed and finished[r]:
                 done[j] = True
                 continue
             out_tokens[r].append(t)
@@ -181,15 +213,19 @@ def generate_batch(model, tokenizer, prompts: list[str], gs: GenSettings, seeds:
         keep = [j for j, d in enumerate(done) if not d]
         if step == gs.max_new_tokens - 1 or not (keep or lockstep):
             break
-        if len(keep) < len(alive) and not lockstep:  # drop finished rows from the batch and the cache
+        if len(keep) < len(alive) and not fixed:  # drop finished rows from the batch and the cache
             sel = torch.tensor(keep)  # on the CPU: layers may sit on several devices (device_map)
             cache.batch_select_indices(sel)
             mask, last, tok = mask[sel.to(dev)], last[sel.to(dev)], tok[sel.to(tok.device)]
             alive = [alive[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
         last = last + 1
-        logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=last, cache=cache,
-                       use_cache=True).logits[:, -1]
+        if gs.compile:
+            static_mask[:, P + step] = 1
+            logits = compiled_step(model)(tok[:, None], static_mask, last, cache)
+        else:
+            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+            logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=last, cache=cache,
+                           use_cache=True).logits[:, -1]
         peak = max(peak, cache_nbytes(cache))
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
