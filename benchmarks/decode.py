@@ -1,20 +1,28 @@
-"""Decode throughput and KV memory of a hybrid model against the full model with transformers' best caches.
+"""Decode throughput and KV memory of a hybrid model against the full model with transformers' best caches,
+eager and compiled, and throughput at a fixed KV budget (what the paper's 2.17x compares).
 
-    python benchmarks/decode.py [--prompts 256,2048,4096,8192 --batch 8 --new 32 --sink 4 --window 1020]
+    python benchmarks/decode.py [--prompts 256,2048,8192 --batch 8 --new 32 --sink 4 --window 1020
+                                 --kv-budget-gb 0.5 --no-compile]
 
-Three runs per prompt length, interleaved `--repeats` times in one process (the order rotated each time, the
-fastest repeat kept):
-- `static`: the full model with transformers' `StaticCache` (preallocated, `cache_implementation="static"`),
-  the strongest full-model path a user has;
-- `dynamic`: the full model with transformers' default `DynamicCache` (grows by `torch.cat`);
-- `hybrid`: the converted model (every other layer lazy) with lt_train's `HybridCache`.
+Per prompt length, interleaved `--repeats` times in one process (the order rotated, the fastest repeat kept):
+- `static`: the full model with transformers' `StaticCache`, eager;
+- `dynamic`: the full model with transformers' default `DynamicCache`, eager;
+- `hybrid`: the converted model (every other layer lazy) with lt_train's `HybridCache`, eager;
+- `static+c`: the full model with `StaticCache`, decode step compiled (`torch.compile(fullgraph=True,
+  dynamic=False)`, CUDA graphs on a GPU) — the strongest full-model path a user has;
+- `hybrid+c`: the hybrid with `HybridCache(static=True)`, its decode step compiled the same way.
 One real prefill (batch 1, full model) is shared: its KV is repeated over the batch and loaded into each cache
-through the cache's own `update` (so the hybrid's lazy layers keep sinks + the last W tokens, exactly what they
-keep after a real prefill). Each run then decodes `--new` tokens greedily, one token per forward.
+through the cache's own `update`. Each run then decodes `--new` tokens greedily after `WARM` warm-up steps
+(compilation happens there, outside the timing).
 
-The bound on the hybrid's speed-up over `static` comes from the bytes a decode step must read:
-(weights + full-model KV) / (weights + hybrid KV), the KV taken at the last step; `reached` is the measured
-ratio over that bound.
+Tables: (a) tokens/s and the ratios eager hybrid / eager static and compiled hybrid / compiled static, against
+the bound from the bytes a decode step reads, (weights + full KV) / (weights + hybrid KV); (b) operators
+dispatched per decode step (kernels on CUDA; ATen operators on CPU), the proxy for launch overhead; (c) at a
+fixed KV budget (`--kv-budget-gb`, prompt `--budget-prompt` + `--new`), each model at the largest batch whose
+cache fits, tokens/s there, and the throughput ratio beside the capacity ratio.
+
+On a CPU inductor's code is slower than eager (the compiled rows are for the GPU; here they are compared only
+compiled to compiled).
 """
 from __future__ import annotations
 
@@ -22,25 +30,20 @@ import argparse
 import copy
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lt_train import HybridCache, HybridConfig, convert_to_hybrid  # noqa: E402
+from _decode import (compiled, decode, fill, graphs_compiled, kv_bytes_per_sequence, make_cache,  # noqa: E402
+                     ops_per_step)
+from lt_train import HybridConfig, convert_to_hybrid  # noqa: E402
 from lt_train.cache import cache_nbytes  # noqa: E402
 from lt_train.models import load_model  # noqa: E402
 from transformers import DynamicCache, StaticCache  # noqa: E402
 
-
-def fill(cache, prefill: DynamicCache, batch: int, prompt: int):
-    """Load the shared prefill into `cache` through each layer's own update."""
-    pos = torch.arange(prompt)[None].expand(batch, prompt)
-    for i, layer in enumerate(prefill.layers):
-        k, v = layer.keys.repeat(batch, 1, 1, 1), layer.values.repeat(batch, 1, 1, 1)
-        cache.update(k, v, i, kwargs={"position_ids": pos})
-    return cache
+WARM = 3
 
 
 def kv_bytes(cache) -> int:
@@ -49,75 +52,130 @@ def kv_bytes(cache) -> int:
     return cache_nbytes(cache)
 
 
-@torch.no_grad()
-def decode(model, cache, first: torch.Tensor, start: int, steps: int) -> float:
-    tok = first
-    t0 = time.perf_counter()
-    for s in range(steps):
-        pos = torch.full((tok.shape[0], 1), start + s)
-        logits = model(tok, position_ids=pos, cache=cache, use_cache=True).logits[:, -1]
-        tok = logits.argmax(-1, keepdim=True)
-    return time.perf_counter() - t0
-
-
-def bench_prompt(full_model, hybrid_model, prompt: int, args) -> dict:
-    cfg = full_model.config
+def prefill_of(model, prompt: int, dev) -> DynamicCache:
     torch.manual_seed(0)
-    ids = torch.randint(100, cfg.vocab_size, (1, prompt))
+    ids = torch.randint(100, model.config.vocab_size, (1, prompt), device=dev)
     with torch.no_grad():
-        prefill = full_model(ids, use_cache=True).cache
-    first = torch.randint(100, cfg.vocab_size, (args.batch, 1))
-    makers = {
-        "static": lambda: StaticCache(config=cfg, max_cache_len=prompt + args.new),
-        "dynamic": lambda: DynamicCache(config=cfg),
-        "hybrid": lambda: HybridCache(hybrid_model.config, max_cache_len=prompt + args.new),
-    }
-    models = {"static": full_model, "dynamic": full_model, "hybrid": hybrid_model}
-    times: dict[str, list[float]] = {k: [] for k in makers}
-    kv: dict[str, int] = {}
-    names = list(makers)
+        return model(ids, use_cache=True, logits_to_keep=1).cache
+
+
+def variants(full_model, hybrid_model, dev, compile_: bool) -> dict:
+    """name: (model, cache kind, step)"""
+    v = {"static": (full_model, "static", None), "dynamic": (full_model, "dynamic", None),
+         "hybrid": (hybrid_model, "hybrid", None)}
+    if compile_:
+        step = compiled(dev)
+        v["static+c"] = (full_model, "static", step)
+        v["hybrid+c"] = (hybrid_model, "hybrid_static", step)
+    return v
+
+
+def run_variant(model, kind, step, prefill, batch: int, prompt: int, new: int, first, dev):
+    """(seconds for `new` steps after WARM warm-up steps, tokens, KV bytes at the end, operators per step)"""
+    cache = make_cache(kind, model.config, prompt + WARM + new + 2)
+    fill(cache, prefill, batch, prompt, dev)
+    kw = {} if step is None else {"step": step}
+    _, warm, _ = decode(model, cache, first, prompt, WARM, dev, **kw)
+    secs, toks, _ = decode(model, cache, warm[:, -1:], prompt + WARM, new, dev, **kw)
+    ops = ops_per_step(model, cache, toks[:, -1:], prompt + WARM + new, dev, **kw)
+    return secs, toks, kv_bytes(cache), ops
+
+
+def bench_prompt(vs: dict, prompt: int, args, dev) -> dict:
+    prefill = prefill_of(vs["static"][0], prompt, dev)
+    first = torch.randint(100, vs["static"][0].config.vocab_size, (args.batch, 1), device=dev)
+    times: dict[str, list[float]] = {k: [] for k in vs}
+    kv, ops, toks = {}, {}, {}
+    names = list(vs)
     for r in range(args.repeats):
-        for name in names[r % 3:] + names[: r % 3]:  # rotate the order: no variant always follows another
-            cache = fill(makers[name](), prefill, args.batch, prompt)
-            times[name].append(decode(models[name], cache, first, prompt, args.new))
-            kv[name] = kv_bytes(cache)
-            del cache
-    tps = {k: args.batch * args.new / min(v) for k, v in times.items()}
-    return {"tps": tps, "kv": kv}
+        for name in names[r % len(names):] + names[: r % len(names)]:  # no variant always follows another
+            secs, toks[name], kv[name], ops[name] = run_variant(*vs[name], prefill, args.batch, prompt, args.new,
+                                                                first, dev)
+            times[name].append(secs)
+    return {"tps": {k: args.batch * args.new / min(t) for k, t in times.items()}, "kv": kv, "ops": ops,
+            "same_tokens": {k: torch.equal(toks[k], toks[k.replace("+c", "")]) for k in vs if k.endswith("+c")}}
+
+
+def budget_table(vs: dict, hc: HybridConfig, args, dev, weights: int) -> None:
+    """Largest batch whose KV fits the budget at prompt + new tokens, for each model, and tokens/s there."""
+    prompt, length = args.budget_prompt, args.budget_prompt + WARM + args.new + 2
+    budget = args.kv_budget_gb * 2**30
+    dtype = next(vs["static"][0].parameters()).dtype
+    full_name, hyb_name = ("static+c", "hybrid+c") if "static+c" in vs else ("static", "hybrid")
+    rows = {}
+    prefill = prefill_of(vs["static"][0], prompt, dev)
+    for name, hcfg in ((full_name, None), (hyb_name, hc)):
+        per_seq = kv_bytes_per_sequence(vs[name][0].config, hcfg, length, dtype)
+        batch = min(args.max_batch, int(budget // per_seq))
+        if batch < 1:
+            sys.exit(f"--kv-budget-gb {args.kv_budget_gb} holds no sequence of {length} tokens ({per_seq / 2**20:.0f} "
+                     "MiB each): raise it or lower --budget-prompt")
+        first = torch.randint(100, vs[name][0].config.vocab_size, (batch, 1), device=dev)
+        secs = min(run_variant(*vs[name], prefill, batch, prompt, args.new, first, dev)[0] for _ in range(args.repeats))
+        rows[name] = (per_seq, batch, batch * args.new / secs)
+    capped = " (capped by --max-batch)" if any(r[1] == args.max_batch for r in rows.values()) else ""
+    print(f"\n(c) fixed KV budget {args.kv_budget_gb} GiB, prompt {prompt} + {args.new} new, weights "
+          f"{weights / 2**30:.2f} GiB not counted{capped}")
+    print(f"{'model':>9} | {'KV MiB/seq':>10} {'batch':>5} {'tok/s':>8}")
+    for name, (per_seq, batch, tps) in rows.items():
+        print(f"{name:>9} | {per_seq / 2**20:>10.1f} {batch:>5} {tps:>8.1f}")
+    (pf, bf, tf), (ph, bh, th) = rows[full_name], rows[hyb_name]
+    print(f"capacity ratio {bh / bf:.2f}x (bytes {pf / ph:.2f}x), throughput ratio {th / tf:.2f}x")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--prompts", default="256,2048,4096,8192", help="comma-separated prompt lengths")
+    ap.add_argument("--prompts", default="256,2048,8192", help="comma-separated prompt lengths")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--window", type=int, default=1020)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true", help="eager rows only")
+    ap.add_argument("--kv-budget-gb", type=float, default=0.5, help="0: skip the fixed-budget table")
+    ap.add_argument("--budget-prompt", type=int, default=2048)
+    ap.add_argument("--max-batch", type=int, default=64, help="cap on the fixed-budget batch")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
 
-    full_model = load_model(args.model).eval()
+    full_model = load_model(args.model).to(dev).eval()
     n = full_model.config.num_hidden_layers
-    lazy = list(range(1, n, 2))  # every other layer: half the layers lazy
-    hybrid_model = convert_to_hybrid(copy.deepcopy(full_model), HybridConfig(lazy, args.sink, args.window))
+    hc = HybridConfig(list(range(1, n, 2)), args.sink, args.window)  # every other layer: half the layers lazy
+    hybrid_model = convert_to_hybrid(copy.deepcopy(full_model), hc)
     weights = sum(p.numel() * p.element_size() for p in full_model.parameters())
-    print(f"model={args.model} layers={n} lazy={len(lazy)} S={args.sink} W={args.window} batch={args.batch} "
-          f"new={args.new} repeats={args.repeats} threads={torch.get_num_threads()}")
-    print(f"{'prompt':>6} | {'static tok/s':>12} {'dynamic tok/s':>13} {'hybrid tok/s':>12} | "
-          f"{'static KV MiB':>13} {'hybrid KV MiB':>13} | {'vs static':>9} {'vs dynamic':>10} {'bound':>6} "
-          f"{'reached':>7}")
+    vs = variants(full_model, hybrid_model, dev, not args.no_compile)
+    print(f"model={args.model} device={dev} layers={n} lazy={len(hc.lazy_layers)} S={args.sink} W={args.window} "
+          f"batch={args.batch} new={args.new} repeats={args.repeats} threads={torch.get_num_threads()} "
+          f"torch={torch.__version__}")
+    results = {}
+    print("\n(a) tokens/s")
+    print(f"{'prompt':>6} | " + " ".join(f"{k:>9}" for k in vs) + f" | {'static KV':>9} {'hybrid KV':>9} MiB | "
+          f"{'eager':>6} {'compiled':>8} {'bound':>6} {'reached':>7} | compiled = eager tokens")
     for prompt in (int(p) for p in args.prompts.split(",")):
-        r = bench_prompt(full_model, hybrid_model, prompt, args)
+        r = results[prompt] = bench_prompt(vs, prompt, args, dev)
         tps, kv = r["tps"], r["kv"]
         bound = (weights + kv["static"]) / (weights + kv["hybrid"])
-        vs_static = tps["hybrid"] / tps["static"]
-        print(f"{prompt:>6} | {tps['static']:>12.1f} {tps['dynamic']:>13.1f} {tps['hybrid']:>12.1f} | "
-              f"{kv['static'] / 2**20:>13.1f} {kv['hybrid'] / 2**20:>13.1f} | {vs_static:>8.2f}x "
-              f"{tps['hybrid'] / tps['dynamic']:>9.2f}x {bound:>5.2f}x {vs_static / bound:>7.0%}", flush=True)
+        eager = tps["hybrid"] / tps["static"]
+        comp = tps["hybrid+c"] / tps["static+c"] if "hybrid+c" in tps else None
+        print(f"{prompt:>6} | " + " ".join(f"{tps[k]:>9.1f}" for k in vs) +
+              f" | {kv['static'] / 2**20:>9.1f} {kv['hybrid'] / 2**20:>9.1f}     | {eager:>5.2f}x "
+              + (f"{comp:>7.2f}x" if comp else f"{'-':>8}") + f" {bound:>5.2f}x {(comp or eager) / bound:>7.0%} | "
+              + " ".join(f"{k}: {v}" for k, v in r["same_tokens"].items()), flush=True)
+    print("\n(b) operators per decode step (" + ("CUDA kernels" if dev.type == "cuda" else "ATen operators") + ")")
+    print(f"{'prompt':>6} | " + " ".join(f"{k:>9}" for k in vs) + " | hybrid/static eager, compiled")
+    for prompt, r in results.items():
+        o = r["ops"]
+        comp = f"{o['hybrid+c'] / max(1, o['static+c']):.2f}x" if "hybrid+c" in o else "-"
+        print(f"{prompt:>6} | " + " ".join(f"{o[k]:>9}" for k in vs) + f" | {o['hybrid'] / o['static']:.2f}x, {comp}")
+    if args.kv_budget_gb > 0:
+        budget_table(vs, hc, args, dev, weights)
+    if not args.no_compile:  # each compiled variant: one graph per (prompt, batch); more would be recompilations
+        print(f"\ngraphs compiled: {graphs_compiled()}")
 
 
 if __name__ == "__main__":

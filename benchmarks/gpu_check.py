@@ -43,13 +43,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import transformers  # noqa: E402
+from _decode import compiled, decode, fill, make_cache, ops_per_step  # noqa: E402
 from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache, StaticCache  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
 from lt_train import HybridCache, HybridConfig, convert_to_hybrid, revert_hybrid, set_lazy_layers  # noqa: E402
 from lt_train.attention import flash as flash_backend  # noqa: E402
 from lt_train.attention import streaming_attention  # noqa: E402
-from lt_train.cache import StreamingLayer, cache_nbytes  # noqa: E402
+from lt_train.cache import cache_nbytes  # noqa: E402
 from lt_train.models import TINY_ARCHS, tiny_config, tiny_tokenizer  # noqa: E402
 from lt_train.nll import decoder_of, lm_head_loss_sum  # noqa: E402
 
@@ -416,7 +417,10 @@ def evaluator_decode(arch: str, dev) -> dict:
     for row in full[:, enc.input_ids.shape[1]:].tolist():
         cut = row[: row.index(2) + 1] if 2 in row else row
         expected.append(tok.decode(cut, skip_special_tokens=True))
-    return {"ok": out.texts == expected, "rows_finished_early": sum(out.finished)}
+    compiled_out = generate_batch(model, tok, prompts, GenSettings(**{**gs.to_dict(), "compile": True}),
+                                  seeds=[0] * len(prompts))
+    return {"ok": out.texts == expected and compiled_out.texts == expected, "rows_finished_early": sum(out.finished),
+            "compiled_same": compiled_out.texts == expected}
 
 
 def section_hybrid(run: Run, sz: dict, dev) -> None:
@@ -430,7 +434,7 @@ def section_hybrid(run: Run, sz: dict, dev) -> None:
                  arch=arch)
     if dev.type != "cuda":
         run.add("hybrid", "flex streaming forward+backward", "skip", reason="FlexAttention has no backward on CPU")
-    run.item("hybrid", "evaluator decode loop (llama) == recompute", lambda: evaluator_decode("llama", dev))
+    run.item("hybrid", "evaluator decode loop (llama), eager and compiled, == recompute", lambda: evaluator_decode("llama", dev))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -465,35 +469,6 @@ def build_model(sz: dict, dev, dtype):
 _CONFIG_KEYS = set(QWEN2_1_5B) | {"head_dim", "pad_token_id", "bos_token_id", "eos_token_id"}
 
 
-def _fill(cache, prefill: DynamicCache, batch: int, prompt: int, dev) -> None:
-    """Put the shared batch-1 prefill, repeated over the batch, into `cache` the way a prefill would."""
-    pos = torch.arange(prompt, device=dev)[None].expand(batch, prompt)
-    for i, layer in enumerate(cache.layers):
-        src = prefill.layers[i]
-        k, v = src.keys.expand(batch, -1, -1, -1).contiguous(), src.values.expand(batch, -1, -1, -1).contiguous()
-        if isinstance(layer, StreamingLayer):
-            layer.update(k, v, kwargs={"position_ids": pos})
-        else:
-            layer.update(k, v)
-        del k, v
-
-
-@torch.no_grad()
-def _decode(model, cache, first, start: int, steps: int, dev) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Greedy decode `steps` tokens: (seconds, tokens [B, steps], the first step's logits)."""
-    tok, toks, first_logits = first, [], None
-    _sync(dev)
-    t0 = time.perf_counter()
-    for s in range(steps):
-        pos = torch.full((tok.shape[0], 1), start + s, device=dev)
-        logits = model(tok, position_ids=pos, cache=cache, use_cache=True).logits[:, -1]
-        first_logits = logits.float() if first_logits is None else first_logits
-        tok = logits.argmax(-1, keepdim=True)
-        toks.append(tok)
-    _sync(dev)
-    return time.perf_counter() - t0, torch.cat(toks, 1), first_logits
-
-
 WARM_STEPS = 4  # decode steps before the timed ones (kernel selection, allocator, clocks)
 
 
@@ -511,29 +486,38 @@ def decode_prompt(run: Run, sz: dict, dev, model, prompt: int) -> None:
         model(ids, cache=prefill, use_cache=True, logits_to_keep=1)
     first = torch.randint(100, model.config.vocab_size, (B, 1), generator=g).to(dev)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    makers = {
-        "full_static": (None, lambda: StaticCache(config=model.config, max_cache_len=prompt + WARM_STEPS + max(new, 8))),
-        "full_dynamic": (None, lambda: DynamicCache(config=model.config)),
-        "hybrid": (hc, lambda: HybridCache(model.config, max_cache_len=prompt + WARM_STEPS + max(new, 8))),
+    length = prompt + WARM_STEPS + max(new, 8) + 2
+    step = compiled(dev)
+    makers = {  # name: (hybrid settings or None for the full model, cache kind, compiled step or None)
+        "full_static": (None, "static", None),
+        "full_dynamic": (None, "dynamic", None),
+        "hybrid": (hc, "hybrid", None),
+        "full_static_compiled": (None, "static", step),
+        "hybrid_compiled": (hc, "hybrid_static", step),
     }
     results: dict[str, dict] = {}
     first_logits: dict[str, torch.Tensor] = {}
+    tokens: dict[str, torch.Tensor] = {}
 
     def one(name):
-        setting, make = makers[name]
+        setting, kind, fn = makers[name]
         use_variant(model, setting)
+        kw = {} if fn is None else {"step": fn}
         with _peak(dev) as mem:
-            cache = make()
-            _fill(cache, prefill, B, prompt, dev)
+            cache = make_cache(kind, model.config, length)
+            fill(cache, prefill, B, prompt, dev)
             kv_start = cache_nbytes(cache)
-            _, warm, first_logits[name] = _decode(model, cache, first, prompt, WARM_STEPS, dev)
-            secs, _, _ = _decode(model, cache, warm[:, -1:], prompt + WARM_STEPS, new, dev)
+            _, warm, first_logits[name] = decode(model, cache, first, prompt, WARM_STEPS, dev, **kw)
+            secs, tokens[name], _ = decode(model, cache, warm[:, -1:], prompt + WARM_STEPS, new, dev, **kw)
             kv_end = cache_nbytes(cache)
+            ops = ops_per_step(model, cache, tokens[name][:, -1:], prompt + WARM_STEPS + new, dev, **kw)
         del cache
         r = results.setdefault(name, {"seconds": []})
         r["seconds"].append(secs)
-        r.update(kv_bytes_start=kv_start, kv_bytes_end=kv_end, peak_bytes=mem["peak"], peak_above_start=mem["above"])
-        return {"tokens_per_s": B * new / secs, "kv_gib": _gib(kv_end), "peak_gib": _gib(mem["peak"])}
+        r.update(kv_bytes_start=kv_start, kv_bytes_end=kv_end, peak_bytes=mem["peak"], peak_above_start=mem["above"],
+                 ops_per_step=ops)
+        return {"tokens_per_s": B * new / secs, "kv_gib": _gib(kv_end), "peak_gib": _gib(mem["peak"]),
+                "ops_per_step": ops}
 
     for rep in range(reps):  # interleaved: machine noise hits all three alike
         for name in makers:
@@ -542,8 +526,15 @@ def decode_prompt(run: Run, sz: dict, dev, model, prompt: int) -> None:
     if run.args.profile_decode:
         profile_decode(run, model, makers, prefill, first, B, prompt, dev)
     del prefill
-    if len(results) < 3:
+    if len(results) < len(makers):
         return
+    for name in ("full_static", "hybrid"):  # the compiled step decodes the same tokens as the eager one
+        same = torch.equal(tokens[name + "_compiled"], tokens[name])
+        err = rel_err(first_logits[name + "_compiled"], first_logits[name])
+        # fp32: greedy tokens must agree; bf16: inductor's fused kernels round differently, reported only
+        status = ("pass" if same else "fail") if model.dtype == torch.float32 else "info"
+        run.add("decode", f"{name} compiled vs eager, prompt={prompt}", status, same_tokens=same,
+                logits_rel_err=err, prompt=prompt, dtype=str(model.dtype))
     # The static and dynamic caches hold the same keys, so the full model's first-step logits agree up to kernel
     # numerics: checked in fp32; in bf16 only reported (the static cache attends over its whole buffer with a
     # mask, another SDPA kernel, and 28 random-weight layers amplify bf16 rounding: 3.7e-2 measured on an H200).
@@ -561,13 +552,16 @@ def decode_prompt(run: Run, sz: dict, dev, model, prompt: int) -> None:
         per_seq = (r["peak_above_start"] if r["peak_above_start"] is not None else r["kv_bytes_end"]) / B
         fit = int((sz_budget(run) - weights) // per_seq) if per_seq else None
         summary[name] = {"tokens_per_s": tps, "kv_bytes": r["kv_bytes_end"], "peak_bytes": r["peak_bytes"],
-                         "per_sequence_bytes": per_seq, "max_batch_in_budget": fit}
+                         "per_sequence_bytes": per_seq, "max_batch_in_budget": fit, "ops_per_step": r["ops_per_step"]}
     base = summary["full_static"]
     bound = (weights + base["kv_bytes"]) / (weights + summary["hybrid"]["kv_bytes"])
     ratio = summary["hybrid"]["tokens_per_s"] / base["tokens_per_s"]
     run.add("decode", f"summary prompt={prompt} batch={B}", "info", prompt=prompt, batch=B, new=new,
             weights_bytes=weights, variants=summary, hybrid_vs_static=ratio,
             hybrid_vs_dynamic=summary["hybrid"]["tokens_per_s"] / summary["full_dynamic"]["tokens_per_s"],
+            compiled_hybrid_vs_compiled_static=(summary["hybrid_compiled"]["tokens_per_s"]
+                                                / summary["full_static_compiled"]["tokens_per_s"]),
+            ops_hybrid_vs_static=summary["hybrid"]["ops_per_step"] / summary["full_static"]["ops_per_step"],
             bytes_bound_vs_static=bound, fraction_of_bound=ratio / bound, budget_gb=run.args.budget_gb)
 
 
@@ -579,13 +573,14 @@ def profile_decode(run: Run, model, makers, prefill, first, B: int, prompt: int,
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     path = os.path.join(run.args.out, f"decode_profile_{prompt}.txt")
     with open(path, "w") as f:
-        for name, (setting, make) in makers.items():
+        for name, (setting, kind, fn) in makers.items():
             use_variant(model, setting)
-            cache = make()
-            _fill(cache, prefill, B, prompt, dev)
-            _decode(model, cache, first, prompt, WARM_STEPS, dev)
+            kw = {} if fn is None else {"step": fn}
+            cache = make_cache(kind, model.config, prompt + WARM_STEPS + 9)
+            fill(cache, prefill, B, prompt, dev)
+            decode(model, cache, first, prompt, WARM_STEPS, dev, **kw)
             with profile(activities=acts) as prof:
-                secs, _, _ = _decode(model, cache, first, prompt + WARM_STEPS, 8, dev)
+                secs, _, _ = decode(model, cache, first, prompt + WARM_STEPS, 8, dev, **kw)
             del cache
             key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
             f.write(f"== {name}: 8 steps in {secs:.3f}s (wall, profiled) ==\n")
@@ -723,12 +718,15 @@ def print_tables(run: Run) -> None:
     for r in recs:
         if r["section"] == "decode" and r["status"] == "info" and "variants" in r:
             print(f"\n== decode: prompt {r['prompt']}, batch {r['batch']}, {r['new']} new tokens ==")
-            print(f"{'variant':<13} {'tok/s':>8} {'KV GiB':>8} {'peak GiB':>9} {'max batch in ' + str(r['budget_gb']) + ' GB':>18}")
+            print(f"{'variant':<21} {'tok/s':>8} {'KV GiB':>8} {'peak GiB':>9} {'ops/step':>8} "
+                  f"{'max batch in ' + str(r['budget_gb']) + ' GB':>18}")
             for name, v in r["variants"].items():
-                print(f"{name:<13} {v['tokens_per_s']:>8.1f} {_gib(v['kv_bytes']):>8.2f} "
-                      f"{_fmt(_gib(v['peak_bytes'])):>9} {str(v['max_batch_in_budget']):>18}")
+                print(f"{name:<21} {v['tokens_per_s']:>8.1f} {_gib(v['kv_bytes']):>8.2f} "
+                      f"{_fmt(_gib(v['peak_bytes'])):>9} {v['ops_per_step']:>8} {str(v['max_batch_in_budget']):>18}")
             print(f"hybrid / static {r['hybrid_vs_static']:.2f}x, hybrid / dynamic {r['hybrid_vs_dynamic']:.2f}x, "
-                  f"bytes bound vs static {r['bytes_bound_vs_static']:.2f}x ({r['fraction_of_bound']:.0%} of it)")
+                  f"compiled hybrid / compiled static {r['compiled_hybrid_vs_compiled_static']:.2f}x, "
+                  f"bytes bound vs static {r['bytes_bound_vs_static']:.2f}x ({r['fraction_of_bound']:.0%} of it), "
+                  f"ops per step hybrid / static {r['ops_hybrid_vs_static']:.2f}x")
     rows = [r for r in recs if r["section"] == "train" and r["status"] == "info"]
     if rows:
         print("\n== training step (tokens/s; peak GiB) ==")

@@ -170,3 +170,42 @@ def test_sdpa_recompute_fallback_matches_reference(monkeypatch, B, T, sink, wind
     monkeypatch.setattr(sdpa, "checkpoint", lambda *a, **kw: called.append(1) or torch.utils.checkpoint.checkpoint(*a, **kw))
     _check("sdpa", B, T, sink, window, pads)
     assert called
+
+
+def test_flash_backward_keywords_refuse_an_unknown_window_argument():
+    """A flash-attn whose backward renamed its window argument is refused, not called without a window."""
+    import inspect
+
+    from lt_train.attention.flash import backward_keywords
+
+    def new_style(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, mq, mk, dropout_p, softmax_scale, causal,
+                  window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None, deterministic=False,
+                  rng_state=None):
+        pass
+
+    def old_style(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, mq, mk, dropout_p, softmax_scale, causal,
+                  window_size=(-1, -1), alibi_slopes=None, deterministic=False, rng_state=None):
+        pass
+
+    def renamed(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, mq, mk, dropout_p, softmax_scale, causal,
+                local_window=(-1, -1)):
+        pass
+
+    kw = backward_keywords(inspect.signature(new_style).parameters, 0.5, 8)
+    assert kw["window_size_left"] == 7 and kw["window_size_right"] == 0 and kw["softcap"] == 0.0
+    kw = backward_keywords(inspect.signature(old_style).parameters, 0.5, 8)
+    assert kw["window_size"] == (7, 0) and "softcap" not in kw and kw["softmax_scale"] == 0.5
+    with pytest.raises(TypeError, match="no window argument"):
+        backward_keywords(inspect.signature(renamed).parameters, 0.5, 8)
+
+
+def test_auto_does_not_pick_unverified_flash(monkeypatch):
+    from lt_train import attention
+    from lt_train.attention import flash
+
+    monkeypatch.setattr(flash, "is_available", lambda: True)
+    q = torch.zeros(1, 2, 4, 8, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert attention.resolve_backend("auto", q, padded=False) == "sdpa"
+    monkeypatch.setattr(attention, "FLASH_VERIFIED", True)
+    assert attention.resolve_backend("auto", q, padded=False) == "flash_attn"

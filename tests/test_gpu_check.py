@@ -35,12 +35,15 @@ def test_tiny_cpu_run_passes_every_section(tmp_path):
     for arch in ("llama", "qwen2", "qwen3", "mistral"):
         assert f"{arch} forward+backward (sdpa streaming) vs reference" in passed
         assert f"{arch} greedy generate (hybrid cache) == recompute" in passed
-    assert "evaluator decode loop (llama) == recompute" in passed
+    assert "evaluator decode loop (llama), eager and compiled, == recompute" in passed
     # decode: three variants measured, the hybrid holds fewer KV bytes once the prompt exceeds S + W
     summary = next(r for r in by["decode"] if r["name"].startswith("summary"))
     v = summary["variants"]
-    assert set(v) == {"full_static", "full_dynamic", "hybrid"}
-    assert all(x["tokens_per_s"] > 0 for x in v.values())
+    assert set(v) == {"full_static", "full_dynamic", "hybrid", "full_static_compiled", "hybrid_compiled"}
+    assert all(x["tokens_per_s"] > 0 and x["ops_per_step"] > 0 for x in v.values())
+    # the compiled steps decode the eager steps' tokens (fp32 on CPU: checked, not only reported)
+    same = [r for r in by["decode"] if "compiled vs eager" in r["name"]]
+    assert len(same) == 2 and all(r["status"] == "pass" and r["same_tokens"] for r in same)
     assert v["hybrid"]["kv_bytes"] < v["full_static"]["kv_bytes"]
     assert v["full_static"]["kv_bytes"] >= v["full_dynamic"]["kv_bytes"]  # preallocated: at least the tokens held
     assert summary["bytes_bound_vs_static"] > 1

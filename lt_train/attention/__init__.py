@@ -9,7 +9,9 @@ Backends behind `streaming_attention`:
 - `flex`: torch FlexAttention with a block mask (compiled; forward only on CPU).
 - `flash_attn`: flash-attn's variable-length sliding window plus each document's sinks merged through the
   log-sum-exp (CUDA, fp16/bf16; whole rows or packed documents; left-padded batches go to `sdpa`).
-- `auto`: `flash_attn` where usable; otherwise packed rows on GPU: `flex`; else `sdpa`.
+- `auto`: packed rows on GPU: `flex`; else `sdpa`. It does not pick `flash_attn` (ask for it by name) until
+  `FLASH_VERIFIED`: its kernels have not yet run on a GPU against the dense reference (`benchmarks/gpu_check.py`
+  has the section that does).
 """
 from __future__ import annotations
 
@@ -35,9 +37,14 @@ def check_backend(name: str) -> None:
         )
 
 
+# True once the GPU check has run the flash-attn path (forward, backward, packed rows) against the dense reference
+FLASH_VERIFIED = False
+
+
 def resolve_backend(name: str, q: torch.Tensor, padded: bool, packed: bool = False) -> str:
     if name == "auto":
-        usable = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash.is_available()
+        usable = (FLASH_VERIFIED and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+                  and _flash.is_available())
         if usable and not padded:
             return "flash_attn"
         return "flex" if packed and q.is_cuda else "sdpa"

@@ -43,17 +43,35 @@ def _window_backward(dout, q, k, v, out, lse, cu, max_len: int, scale: float, wi
     from flash_attn import flash_attn_interface as fai
 
     fn = fai._flash_attn_varlen_backward
-    params = inspect.signature(fn).parameters
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    kw = dict(dropout_p=0.0, softmax_scale=scale, causal=True, softcap=0.0, alibi_slopes=None,
-              deterministic=False, rng_state=None)
-    if "window_size_left" in params:
-        kw.update(window_size_left=window - 1, window_size_right=0)
-    else:
-        kw.update(window_size=(window - 1, 0))
-    kw = {n: val for n, val in kw.items() if n in params}
-    fn(dout, q, k, v, out, lse, dq, dk, dv, cu, cu, max_len, max_len, **kw)
+    fn(dout, q, k, v, out, lse, dq, dk, dv, cu, cu, max_len, max_len,
+       **backward_keywords(inspect.signature(fn).parameters, scale, window))
     return dq, dk, dv
+
+
+# keywords whose value here means "off": a flash-attn without them computes the same thing
+_OFF = dict(dropout_p=0.0, softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=None)
+
+
+def backward_keywords(params, scale: float, window: int) -> dict:
+    """Keywords for flash-attn's private `_flash_attn_varlen_backward`, checked against its signature: the window,
+    the scale and causality must each be accepted under a name we know, or this raises (a renamed window argument
+    silently dropped would give the gradient of full causal attention); the "off" settings are passed only where
+    the installed version has them."""
+    if "window_size_left" in params and "window_size_right" in params:
+        kw = dict(window_size_left=window - 1, window_size_right=0)
+    elif "window_size" in params:
+        kw = dict(window_size=(window - 1, 0))
+    else:
+        raise TypeError("the installed flash-attn's _flash_attn_varlen_backward takes no window argument we know "
+                        f"(window_size or window_size_left/right); its parameters: {list(params)}")
+    for name in ("softmax_scale", "causal"):
+        if name not in params:
+            raise TypeError(f"the installed flash-attn's _flash_attn_varlen_backward has no {name!r}; "
+                            f"its parameters: {list(params)}")
+    kw.update(softmax_scale=scale, causal=True)
+    kw.update({n: val for n, val in _OFF.items() if n in params})
+    return kw
 
 
 def _sink_table(pos: torch.Tensor, sink: int, window: int):

@@ -1,0 +1,42 @@
+# Set-up and everyday commands. Each target installs what is missing first (torch pinned to its CPU build
+# before the project, since an unpinned torch pulls a multi-GB CUDA build), and a second run installs nothing.
+#   make demo        the main job: the method on SmolLM2-135M, a table at the end (~15 min on 2 CPU cores)
+#   make test        the suite CI runs (fast, then slow)
+#   make test-fast   the fast suite only;   make test-slow   the slow one only
+#   make bench       decode throughput, eager and compiled, and at a fixed KV budget
+#   make gpu-check   the prepared GPU check (on a CUDA machine)
+PYTHON ?= python
+TORCH ?= torch==2.13.0
+STAMP := .make
+
+.PHONY: install demo test test-fast test-slow bench gpu-check
+
+# torch: kept when one is importable (a CUDA build on a GPU machine, say), else the pinned CPU build
+$(STAMP)/torch:
+	@mkdir -p $(STAMP)
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install --quiet "$(TORCH)"
+	@touch $@
+
+# the project and its dev extras, again whenever pyproject.toml changes
+$(STAMP)/project: pyproject.toml $(STAMP)/torch
+	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+install: $(STAMP)/project
+
+demo: install
+	$(PYTHON) launch/train.py
+
+test: test-fast test-slow
+
+test-fast: install
+	$(PYTHON) -m pytest -q
+
+test-slow: install
+	$(PYTHON) -m pytest -q -m slow
+
+bench: install
+	$(PYTHON) benchmarks/decode.py
+
+gpu-check:  # the GPU machine has no network: the script installs what it carries (see its header)
+	bash benchmarks/gpu_check.sh run
