@@ -7,7 +7,7 @@ import torch
 from lt_train import HybridConfig, convert_to_hybrid
 from lt_train.attention import streaming_attention
 from lt_train.data import demo_examples, encode_example
-from lt_train.data.collate import collate_packed, collate_padded, length_grouped_batches, pack_bins
+from lt_train.data.collate import collate_packed, pack_bins
 from lt_train.models import tiny_model, tiny_tokenizer
 from reference import dense_streaming_reference
 
@@ -84,17 +84,6 @@ def test_packed_streaming_differs_from_unseparated_streaming():
     a = model(input_ids=batch.input_ids, labels=batch.labels, position_ids=batch.position_ids).loss
     b = model(input_ids=batch.input_ids, labels=batch.labels, position_ids=leaky).loss
     assert abs(a.item() - b.item()) > 3e-4  # vs the ~6e-5 tolerance of the equality test above
-
-
-def test_padded_collation_and_length_groups():
-    enc, tok = _encoded(6)
-    batch = collate_padded(enc[:3], tok.pad_token_id)
-    assert batch.attention_mask.sum() == sum(len(e.input_ids) for e in enc[:3])
-    assert (batch.labels[batch.attention_mask == 0] == -100).all()
-    lengths = [5, 100, 7, 98, 6, 99, 8, 97]
-    batches = length_grouped_batches(lengths, 2, seed=1)
-    assert sorted(i for b in batches for i in b) == list(range(8))
-    assert all(max(lengths[i] for i in b) - min(lengths[i] for i in b) <= 3 for b in batches)
 
 
 def test_pack_bins_refuses_overlong_examples():

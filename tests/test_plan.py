@@ -148,14 +148,15 @@ def test_trainer_refuses_a_run_that_does_not_fit_before_loading_weights(tmp_path
         raise AssertionError("weights were loaded before the plan refused the run")
 
     monkeypatch.setattr(loop, "load_from_config", no_loading)
-    cfg = _cfg(["model=tiny", "hardware.host_memory_gb=0.001", f"output_dir={tmp_path}",
+    # data=demo: the default recall contexts are longer than data.max_length in the tiny tokenizer
+    cfg = _cfg(["model=tiny", "data=demo", "hardware.host_memory_gb=0.001", f"output_dir={tmp_path}",
                 f"cache_dir={tmp_path}/cache"], name="train")
     with pytest.raises(RuntimeError, match="(?s)does NOT fit.*train.ignore_plan=true"):
         loop.train(cfg)
     saved = json.loads((tmp_path / "plan.json").read_text())
     assert saved["fits"] is False and saved["per_gpu_bytes"]["total"] == sum(saved["per_gpu_bytes"]["parts"].values())
     # ignore_plan lets it through to loading
-    cfg = _cfg(["model=tiny", "hardware.host_memory_gb=0.001", "train.ignore_plan=true", f"output_dir={tmp_path}",
+    cfg = _cfg(["model=tiny", "data=demo", "hardware.host_memory_gb=0.001", "train.ignore_plan=true", f"output_dir={tmp_path}",
                 f"cache_dir={tmp_path}/cache"], name="train")
     with pytest.raises(AssertionError, match="weights were loaded"):
         loop.train(cfg)

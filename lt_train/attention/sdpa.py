@@ -18,9 +18,6 @@ from torch.utils.checkpoint import checkpoint
 
 DEFAULT_BLOCK = 256
 
-# Masks that depend only on (T, S, W, block) are reused across layers and steps.
-_MASK_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
 
 def _block_index_grids(T: int, window: int, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Absolute query indices [nblk, block] and window key indices [nblk, block + W - 1] per block."""
@@ -307,16 +304,9 @@ def _chunked(q, k, v, sink: int, window: int, scale, pad, offset, block: int) ->
     nblk = (T + block - 1) // block
     Tp = nblk * block
 
-    if pad is None:  # the mask depends on shapes only: build it once per shape
-        key = (B, T, sink, W, block, q.device, q.dtype)
-        if key not in _MASK_CACHE:
-            if len(_MASK_CACHE) > 32:
-                _MASK_CACHE.clear()
-            _MASK_CACHE[key] = _sdpa_mask(B, T, sink, W, block, q.device, q.dtype, None, None)
-        mask, sink_idx = _MASK_CACHE[key]
-    else:  # rebuilt in backward rather than kept: it is as large as the blocked keys
-        sink_idx = _sink_index(offset, sink)
-        mask = None
+    # padded rows only (rows without padding take `_head_and_tail`); the mask is rebuilt in backward rather than
+    # kept: it is as large as the blocked keys
+    sink_idx = _sink_index(offset, sink)
 
     def blocks(x, sl=slice(None)):
         xb = _window_blocks(x, W, block, Tp)[:, sl]
@@ -324,9 +314,8 @@ def _chunked(q, k, v, sink: int, window: int, scale, pad, offset, block: int) ->
             return xb
         idx = sink_idx.clamp(0, T - 1)[:, None, :, None].expand(B, Hkv, sink, D)
         return torch.cat([x.gather(2, idx).unsqueeze(1).expand(B, xb.shape[1], Hkv, sink, D), xb], dim=3)
-    mask_fn = ((lambda: mask) if mask is not None
-               else (lambda: _sdpa_mask(B, T, sink, W, block, q.device, q.dtype, pad, offset)[0]))
-    return _blocked_sdpa(q, k, v, blocks, mask_fn, scale, block)
+    return _blocked_sdpa(q, k, v, blocks, lambda: _sdpa_mask(B, T, sink, W, block, q.device, q.dtype, pad, offset)[0],
+                         scale, block)
 
 
 def _sdpa_mask(B, T, sink, W, block, device, dtype, pad, offset):

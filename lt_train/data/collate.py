@@ -1,4 +1,4 @@
-"""Batching: length-grouped batches, padded collation, and sequence packing.
+"""Batching: sequence packing (first-fit bins, one packed row per micro-batch).
 
 Packed rows carry `position_ids` restarting at 0 for each document and no attention mask: transformers
 then keeps full layers inside documents, and lt_train's streaming layers do the same, with the sinks of
@@ -7,7 +7,6 @@ predicted across a document boundary.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import torch
@@ -33,19 +32,6 @@ class Batch:
     @property
     def num_target_tokens(self) -> int:
         return int((self.labels[:, 1:] != -100).sum())
-
-
-def collate_padded(examples: list[EncodedExample], pad_id: int) -> Batch:
-    """Right padding; positions count from 0 per row; pads are masked and carry no loss."""
-    T = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    mask = torch.zeros_like(ids)
-    for b, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[b, :n], labels[b, :n], mask[b, :n] = e.input_ids, e.labels, 1
-    pos = torch.arange(T).expand(len(examples), T).clone()
-    return Batch(ids, labels, pos, mask)
 
 
 def pack_bins(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -88,17 +74,3 @@ def collate_packed(rows: list[list[EncodedExample]], pad_id: int, multiple: int 
             t += n
         pos[b, t:] = torch.arange(T - t)
     return Batch(ids, labels, pos, None)
-
-
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int = 0, mega: int = 50) -> list[list[int]]:
-    """Batches of similar lengths (less padding), in a shuffled order. Within shuffled mega-batches of
-    `mega * batch_size` examples, examples are sorted by length and cut into batches."""
-    rng = random.Random(seed)
-    idx = list(range(len(lengths)))
-    rng.shuffle(idx)
-    batches = []
-    for s in range(0, len(idx), mega * batch_size):
-        chunk = sorted(idx[s : s + mega * batch_size], key=lambda i: -lengths[i])
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
