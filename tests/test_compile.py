@@ -131,3 +131,18 @@ def test_static_cache_bad_input():
                                HybridConfig([], S, W, online_num_lazy=2))
     with pytest.raises(ValueError, match="online selection"):
         online.generate(ids, attention_mask=am, max_new_tokens=4, compile_config=CompileConfig())
+
+
+def test_evaluator_says_when_the_decode_step_cannot_compile(monkeypatch):
+    def broken(fn, **kw):
+        def call(*a, **k):
+            raise torch._dynamo.exc.Unsupported("a graph break")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    tok = tiny_tokenizer()
+    model = _hybrid("llama")
+    kw = dict(n_samples=1, greedy=True, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=4, batch_size=1,
+              seed=0, instruction=None, system_prompt=None, compile=True)
+    with pytest.raises(RuntimeError, match="could not compile the decode step.*eval.compile=false"):
+        generate_batch(model, tok, ["hi"], GenSettings(**kw), [0])

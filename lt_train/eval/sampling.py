@@ -221,7 +221,13 @@ def generate_batch(model, tokenizer, prompts: list[str], gs: GenSettings, seeds:
         last = last + 1
         if gs.compile:
             static_mask[:, P + step] = 1
-            logits = compiled_step(model)(tok[:, None], static_mask, last, cache)
+            try:
+                logits = compiled_step(model)(tok[:, None], static_mask, last, cache)
+            except Exception as e:  # noqa: BLE001 - the first call compiles: say what failed and the way out
+                if step:
+                    raise
+                raise RuntimeError(f"eval.compile=true: torch.compile could not compile the decode step "
+                                   f"({type(e).__name__}: {str(e)[:300]}); run with eval.compile=false") from e
         else:
             mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
             logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=last, cache=cache,
