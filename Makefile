@@ -11,10 +11,11 @@ STAMP := .make
 
 .PHONY: install demo test test-fast test-slow bench gpu-check
 
-# torch: kept when one is importable (a CUDA build on a GPU machine, say), else the pinned CPU build
+# torch: the pinned CPU build, unless the torch already there is a CUDA build (a GPU machine's own)
 $(STAMP)/torch:
 	@mkdir -p $(STAMP)
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install --quiet "$(TORCH)"
+	@$(PYTHON) -c "import sys, torch; sys.exit(0 if torch.version.cuda or torch.__version__.split('+')[0] == '$(TORCH)'.split('==')[1] else 1)" 2>/dev/null \
+		|| $(PYTHON) -m pip install --quiet "$(TORCH)"
 	@touch $@
 
 # the project and its dev extras, again whenever pyproject.toml changes

@@ -69,9 +69,11 @@ def decode(model, cache, first, start: int, steps: int, dev, step=_step):
 
 @torch.no_grad()
 def ops_per_step(model, cache, first, start: int, dev, step=_step) -> int:
-    """Work dispatched by one decode step (it runs twice, advancing the cache by two tokens): kernels launched on CUDA; on CPU the ATen operators called from
-    Python or compiled code (not those nested inside another operator) — the proxy for launch overhead that a
-    CPU can measure."""
+    """Work dispatched by one decode step (it runs twice, advancing the cache by two tokens): on CUDA the kernels
+    it runs (under CUDA graphs these replay from one launch, so for the compiled rows the count is the graph's
+    size, not its launches); on CPU the ATen operators called from Python or from compiled code, not those nested
+    inside another operator (inductor's own generated kernels are not ATen operators and are not counted) — the
+    proxy for launch overhead that a CPU can measure, comparable between the eager rows."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])

@@ -39,6 +39,14 @@ def require_transformers(version: str) -> None:
 
 require_transformers(transformers.__version__)
 
+# static cache lengths are rounded up to a multiple of this: calls of different lengths share one compiled step
+STATIC_BUCKET = 256
+
+
+def static_length(tokens: int) -> int:
+    return -(-tokens // STATIC_BUCKET) * STATIC_BUCKET
+
+
 KV_META = "lt_kv_meta"  # key under which a StreamingLayer passes slot metadata to the attention function
 INVALID_POS = 1 << 60  # position of an empty slot: never <= a query position, so always masked
 

@@ -10,6 +10,7 @@ The settings live in `model.config.lt_hybrid`, so `save_pretrained` + `load_hybr
 """
 from __future__ import annotations
 
+import copy
 import sys
 import types
 import weakref
@@ -23,7 +24,7 @@ from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import check_backend, positional_streaming_sdpa, streaming_attention
-from .cache import KV_META, HybridCache, contiguous_validity
+from .cache import KV_META, HybridCache, contiguous_validity, static_length
 from .hybrid_config import CONFIG_KEY, HybridConfig
 from .online import ONLINE, OnlineHybridCache
 
@@ -297,16 +298,25 @@ def _longest(args, kwargs, gen_cfg) -> int | None:
 
 def _hybrid_generate(self, *args, **kwargs):
     """`generate` that builds a `HybridCache` when the caller passed no cache of their own: a static one, whose
-    decode step compiles, when the call asks transformers to compile (`compile_config=`)."""
+    decode step compiles, when the call asks transformers to compile (`compile_config=`) or for its static cache
+    (`cache_implementation="static"`: transformers' `StaticCache` would hand the lazy layers a buffer they cannot
+    read). Its length is rounded up (`static_length`), so calls of nearby lengths share one compiled step."""
     gen_cfg = kwargs.get("generation_config") or self.generation_config
     wants_cache = kwargs.get("use_cache", gen_cfg.use_cache) is not False
-    if kwargs.get("cache") is None and wants_cache and getattr(gen_cfg, "cache_implementation", None) is None:
+    impl = kwargs.pop("cache_implementation", None) or getattr(gen_cfg, "cache_implementation", None)
+    if impl not in (None, "static", "dynamic"):
+        raise ValueError(f"cache_implementation={impl!r} is not supported by a hybrid model: it builds its own cache "
+                         "(HybridCache; static=True for a compiled decode)")
+    if kwargs.get("cache") is None and wants_cache:
         longest = _longest(args, kwargs, gen_cfg)
-        static = (kwargs.get("compile_config") or getattr(gen_cfg, "compile_config", None)) is not None
+        static = impl == "static" or (kwargs.get("compile_config") or getattr(gen_cfg, "compile_config", None)) is not None
         if static and longest is None:
             raise ValueError("a compiled generate needs max_new_tokens (the static cache is sized from the prompt "
                              "+ new tokens)")
-        kwargs["cache"] = make_cache(self.config, longest, static=static)
+        kwargs["cache"] = make_cache(self.config, static_length(longest) if static else longest, static=static)
+    if impl is not None and getattr(gen_cfg, "cache_implementation", None) is not None:
+        gen_cfg = kwargs["generation_config"] = copy.deepcopy(gen_cfg)
+        gen_cfg.cache_implementation = None  # the cache is passed in: transformers refuses both
     cache = kwargs.get("cache")
     if getattr(cache, "static", False):
         longest = _longest(args, kwargs, gen_cfg)

@@ -146,3 +146,40 @@ def test_evaluator_says_when_the_decode_step_cannot_compile(monkeypatch):
               seed=0, instruction=None, system_prompt=None, compile=True)
     with pytest.raises(RuntimeError, match="could not compile the decode step.*eval.compile=false"):
         generate_batch(model, tok, ["hi"], GenSettings(**kw), [0])
+
+
+def test_generate_static_cache_implementation_builds_the_static_hybrid_cache():
+    """transformers' recipe for a compiled decode, `cache_implementation="static"`, gets the static hybrid cache
+    (its own StaticCache would hand the lazy layers a buffer they cannot read): same tokens as the default."""
+    model = _hybrid("llama")
+    ids, am = _inputs()
+    ref = model.generate(ids, attention_mask=am, max_new_tokens=N, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, attention_mask=am, max_new_tokens=N, do_sample=False, pad_token_id=0,
+                         cache_implementation="static", return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    assert getattr(out.cache, "static", False) and out.cache.max_cache_len % 256 == 0
+    with pytest.raises(ValueError, match="not supported by a hybrid model"):
+        model.generate(ids, attention_mask=am, max_new_tokens=2, cache_implementation="offloaded")
+
+
+@torch.no_grad()
+def test_compiled_decode_short_rows_and_a_window_longer_than_the_cache():
+    """Rows with fewer real tokens than S (their sinks fill during decode) and W beyond the cache's length."""
+    torch.manual_seed(0)
+    model = convert_to_hybrid(tiny_model("qwen2", num_layers=4).eval(), HybridConfig([0, 2], 4, 64))
+    ids, am = _inputs()
+    am[2, :P - 2] = 0  # two real tokens
+    def run(cache, step, static):
+        pos = (am.cumsum(-1) - 1).clamp(min=0)
+        tok = model(ids, attention_mask=am, position_ids=pos, cache=cache, use_cache=True).logits[:, -1].argmax(-1, True)
+        toks, mask, last = [tok], torch.cat([am, am.new_zeros(B, N)], 1), pos[:, -1:]
+        for s in range(N - 1):
+            mask[:, P + s] = 1
+            last = last + 1
+            with torch._dynamo.config.patch(error_on_recompile=s >= 2):
+                tok = step(model, tok, mask if static else mask[:, : P + s + 1], last, cache).argmax(-1, keepdim=True)
+            toks.append(tok)
+        return torch.cat(toks, 1)
+    eager = run(HybridCache(model.config, max_cache_len=P + N), _step, False)
+    compiled = run(HybridCache(model.config, max_cache_len=P + N, static=True), _compiled(), True)
+    assert torch.equal(compiled, eager)

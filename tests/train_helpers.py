@@ -8,7 +8,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the demo data and step count of the tests (the default job runs another task; see conf/train.yaml)
 TINY = ["model=tiny", "data=demo", "train.max_steps=12", "validation.task=demo", "validation.streaming_control=false",
-        "validation.max_new_tokens=320", "lazy.strategy=default",
+        "lazy.strategy=default",
         "data.num_samples=24", "data.max_length=1500", "train.pack_length=1600", "train.grad_accum=1",
         "lazy.window=64", "lazy.layers=[1,3]", "validation.heldout=2", "validation.accuracy_problems=0"]
 

@@ -98,9 +98,11 @@ def evaluate_one(mcfg, hybrid: HybridConfig | None, problems: list[Problem], ecf
     header = {"model": str(mcfg["name"]), "revision": mcfg.get("revision"), "dtype": str(mcfg.get("dtype")),
               "attention": attention, "benchmark": ecfg.name, "problems": len(problems),
               "problems_fingerprint": fingerprint(problems), "mode": ecfg.mode,
-              # the batch size may change between a crash and the resume (say, after running out of memory), and
-              # compiling the decode does not change a token
-              "generation": {k: v for k, v in gs.to_dict().items() if k not in ("batch_size", "compile")}}
+              # the batch size may change between a crash and the resume (say, after running out of memory); a
+              # compiled decode is recorded only when on (runs from before it existed resume as eager ones), and
+              # a resume must keep it: in bf16 a compiled step may round differently
+              "generation": {k: v for k, v in gs.to_dict().items()
+                             if k != "batch_size" and (k != "compile" or v)}}
     rank, world_size = world()
     if rank == 0:
         SampleStore.init_dir(run_dir, header, overwrite=bool(ecfg.get("overwrite", False)))

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..cache import cache_nbytes
+from ..cache import cache_nbytes, static_length
 from ..hybrid import new_cache
 
 log = logging.getLogger(__name__)
@@ -128,10 +128,6 @@ def draw(probs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
     return (probs / q).argmax(-1)
 
 
-# static cache lengths are rounded up to this, so batches of different prompt lengths share compiled steps
-COMPILE_BUCKET = 256
-
-
 def compiled_step(model):
     """The decode forward of `model` compiled once (kept on the model): one graph with fixed shapes
     (`fullgraph=True, dynamic=False`), CUDA graphs on a GPU (`reduce-overhead`). Inputs: tokens [B, 1], the
@@ -146,6 +142,18 @@ def compiled_step(model):
         fn = torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead" if dev.type == "cuda" else None)
         model.__dict__["_lt_compiled_step"] = fn
     return fn
+
+
+def _static_cache(model, batch: int, length: int):
+    """One static cache per (batch, length), kept on the model and emptied for each batch: its buffers keep their
+    addresses, so a CUDA graph recorded for the first batch replays for the next (a new cache would record anew)."""
+    caches = model.__dict__.setdefault("_lt_static_caches", {})
+    cache = caches.get((batch, length))
+    if cache is None:
+        cache = caches[(batch, length)] = new_cache(model, max_cache_len=length, static=True)
+    else:
+        cache.reset()
+    return cache
 
 
 @torch.no_grad()
@@ -179,8 +187,8 @@ def generate_batch(model, tokenizer, prompts: list[str], gs: GenSettings, seeds:
     # KV larger than the full model's DynamicCache (433 vs 388 MiB, GSM8K x8 at up to 2048 tokens)
     P = enc.input_ids.shape[1]
     if gs.compile:
-        L = -(-(P + gs.max_new_tokens) // COMPILE_BUCKET) * COMPILE_BUCKET
-        cache = new_cache(model, max_cache_len=L, static=True)
+        L = static_length(P + gs.max_new_tokens)  # batches of nearby lengths share the compiled step
+        cache = _static_cache(model, B, L)
         static_mask = enc.attention_mask.new_zeros(B, L)
         static_mask[:, :P] = enc.attention_mask
     else:

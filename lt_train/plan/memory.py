@@ -225,7 +225,7 @@ def _other_phases(cfg, step: dict, host: dict, *, N, largest, pb, p16, stage, T,
         if int(val.get("accuracy_problems") or 0):
             heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
             hd = int(getattr(text, "head_dim", None) or H // text.num_attention_heads)
-            kv = int(val.get("batch_size", 8)) * (int(val.get("max_new_tokens", 320)) + 512) * L * 2 * heads * hd * pb
+            kv = int(val.get("batch_size", 8)) * (int(val.get("max_new_tokens") or 320) + 512) * L * 2 * heads * hd * pb
         ev = {**states, **gathered, **forward, **({"KV cache (demo answers)": kv} if kv else {})}
         phases["evaluation (before / after)"] = {"per_gpu": ev, "host": dict(offloaded)}
     phases["export"] = {"per_gpu": {**states, **gathered},

@@ -58,6 +58,13 @@ def demo_accuracy(model, tokenizer, problems: list[Example], max_new_tokens: int
 
 
 TASKS = ("demo", "recall")
+ANSWER_TOKENS = {"demo": 320, "recall": 48}  # a recall answer is one short sentence
+
+
+def answer_tokens(vcfg) -> int:
+    """`validation.max_new_tokens`, or the task's own when null."""
+    n = vcfg.get("max_new_tokens")
+    return int(n) if n is not None else ANSWER_TOKENS[vcfg.get("task", "demo")]
 HELDOUT_SEED = 10_000  # the training data's tasks use seed 0: problems no training row holds
 
 
@@ -89,7 +96,7 @@ def evaluate(cfg, model, data, label: str, results: dict, lockstep: bool) -> Non
     t0 = time.perf_counter()
     with torch.no_grad():
         nll = heldout_nll(model, data.heldout, rank, world_size, lockstep)
-        acc = demo_accuracy(model, data.tok, data.problems, cfg.validation.max_new_tokens,
+        acc = demo_accuracy(model, data.tok, data.problems, answer_tokens(cfg.validation),
                             cfg.validation.batch_size, rank, world_size, lockstep) if data.problems else None
     model.train(training)
     results[label] = {"heldout_nll": round(nll, 4), "demo_accuracy": acc}

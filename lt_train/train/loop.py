@@ -107,9 +107,10 @@ def run_steps(cfg, run: Run, data: Data, engine, sp, start: int, tracker) -> Non
     try:  # the handlers go back however the loop ends (preempted, a bad-steps error, a crash)
         for step in range(start, data.max_steps):
             rec, mine = train_step(run, data, engine, sp, step, distill)
-            rec.update(bad.record(rec, step, mine, run.rank))
+            rec.update(bad.record(rec, step, run.rank))
             if run.rank == 0:
                 _log_step(rec, log_path, tracker, bar)
+            bad.check(step, mine, run.rank)  # after the step is logged: the last bad step is in the log too
             state = {"step": step + 1, "rows_consumed": (step + 1) * run.per_step, "rows_per_step": run.per_step}
             saved = None
             if not rec["skipped"] and tr.save_every and (step + 1) % tr.save_every == 0 and step + 1 < data.max_steps:
@@ -170,19 +171,22 @@ class BadSteps:
     def __init__(self, limit: int, root: str):
         self.limit, self.root, self.streak, self.total = limit, root, 0, 0
 
-    def record(self, rec: dict, step: int, rows: list[int], rank: int) -> dict:
+    def record(self, rec: dict, step: int, rank: int) -> dict:
         bad = not math.isfinite(rec["loss"]) or (rec["grad_norm"] is not None and not math.isfinite(rec["grad_norm"]))
         self.streak, self.total = (self.streak + 1, self.total + 1) if bad else (0, self.total)
         if bad:
             log0(rank, f"step {step + 1}: non-finite loss ({rec['loss']}) or gradient norm ({rec['grad_norm']}); "
                        f"optimizer step skipped ({self.streak} in a row, {self.total} in all)")
-            if self.streak >= self.limit:
-                raise RuntimeError(
-                    f"{self.streak} steps in a row (the last: step {step + 1}, packed rows {rows} of rank {rank}) "
-                    f"had a non-finite loss or gradient norm; their updates were skipped, so the weights are those "
-                    f"after step {step + 1 - self.streak}. Last good checkpoint: {ckpt.latest(self.root) or 'none'}; "
-                    "no model exported. Lower train.lr, check those rows' data, or raise train.max_bad_steps")
         return {"skipped": bad, "skipped_total": self.total}
+
+    def check(self, step: int, rows: list[int], rank: int) -> None:
+        """Stop the run after `limit` bad steps in a row (every rank sees the same losses: all stop together)."""
+        if self.streak >= self.limit:
+            raise RuntimeError(
+                f"{self.streak} steps in a row (the last: step {step + 1}, packed rows {rows} of rank {rank}) "
+                f"had a non-finite loss or gradient norm; their updates were skipped, so the weights are those "
+                f"after step {step + 1 - self.streak}. Last good checkpoint: {ckpt.latest(self.root) or 'none'}; "
+                "no model exported. Lower train.lr, check those rows' data, or raise train.max_bad_steps")
 
 
 def _log_step(rec: dict, path: str, tracker, bar) -> None:
