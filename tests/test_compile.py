@@ -39,9 +39,9 @@ def _step(model, tok, mask, pos, cache):
 
 
 @torch.no_grad()
-def _decode(model, cache, step, static: bool, warmup: int = 2):
+def _decode(model, cache, step, static: bool, warmup: int = 2, inputs=None):
     """Greedy tokens of a prefill + N - 1 decode steps; with `static`, the mask covers every slot of the cache."""
-    ids, am = _inputs()
+    ids, am = inputs or _inputs()
     pos = (am.cumsum(-1) - 1).clamp(min=0)
     tok = model(ids, attention_mask=am, position_ids=pos, cache=cache, use_cache=True).logits[:, -1].argmax(-1, True)
     toks, mask, last = [tok], torch.cat([am, am.new_zeros(B, N)], 1), pos[:, -1:]
@@ -169,17 +169,7 @@ def test_compiled_decode_short_rows_and_a_window_longer_than_the_cache():
     model = convert_to_hybrid(tiny_model("qwen2", num_layers=4).eval(), HybridConfig([0, 2], 4, 64))
     ids, am = _inputs()
     am[2, :P - 2] = 0  # two real tokens
-    def run(cache, step, static):
-        pos = (am.cumsum(-1) - 1).clamp(min=0)
-        tok = model(ids, attention_mask=am, position_ids=pos, cache=cache, use_cache=True).logits[:, -1].argmax(-1, True)
-        toks, mask, last = [tok], torch.cat([am, am.new_zeros(B, N)], 1), pos[:, -1:]
-        for s in range(N - 1):
-            mask[:, P + s] = 1
-            last = last + 1
-            with torch._dynamo.config.patch(error_on_recompile=s >= 2):
-                tok = step(model, tok, mask if static else mask[:, : P + s + 1], last, cache).argmax(-1, keepdim=True)
-            toks.append(tok)
-        return torch.cat(toks, 1)
-    eager = run(HybridCache(model.config, max_cache_len=P + N), _step, False)
-    compiled = run(HybridCache(model.config, max_cache_len=P + N, static=True), _compiled(), True)
+    eager = _decode(model, HybridCache(model.config, max_cache_len=P + N), _step, False, inputs=(ids, am))
+    compiled = _decode(model, HybridCache(model.config, max_cache_len=P + N, static=True), _compiled(), True,
+                       inputs=(ids, am))
     assert torch.equal(compiled, eager)
