@@ -17,9 +17,10 @@ from lt_train.cache import require_transformers  # noqa: E402
 
 
 def test_tiny_cpu_run_passes_every_section(tmp_path):
+    # a budget no busy machine exhausts: this checks code paths, not timing, and must not skip a section
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--device", "cpu",
-                          "--tiny", "--out", str(tmp_path), "--budget-s", "1800"],  # code paths, not timing: a busy machine
-                         capture_output=True, text=True, cwd=ROOT, timeout=1800)  # must not skip a section
+                          "--tiny", "--out", str(tmp_path), "--budget-s", "1800"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     recs = data["records"]
