@@ -338,6 +338,19 @@ class StreamingLayer(_CountedLayer):
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.pos, self.idx))
 
 
+def _check_static(capacity: tuple[int, int], seen: int | None, key_states: torch.Tensor) -> None:
+    """Refuse, in the eager calls of a static layer, a batch it was not sized for or tokens past its end (the
+    compiled decode step cannot check without a host sync: `generate` sizes the cache from its arguments).
+    `capacity`: (batch, tokens) it was allocated for; `seen`: tokens in it, None to skip the length check."""
+    batch, tokens = capacity
+    if key_states.shape[0] != batch:
+        raise ValueError(f"a static hybrid cache sized for batch {batch} got a batch of {key_states.shape[0]}; "
+                         "build the cache for this batch")
+    if seen is not None and seen + key_states.shape[2] > tokens:
+        raise ValueError(f"the static hybrid cache holds {tokens} tokens; {seen} are in and {key_states.shape[2]} "
+                         "more came: size it for prompt + new tokens")
+
+
 class StaticStreamingLayer(StreamingLayer):
     """A `StreamingLayer` whose decode step compiles to one graph (`torch.compile(fullgraph=True)`, CUDA graphs):
     its buffer of S + W slots is allocated once at the first update, at a fixed address, and a one-token step
@@ -370,16 +383,12 @@ class StaticStreamingLayer(StreamingLayer):
     def update(self, key_states, value_states, *args, kwargs: dict | None = None, **_):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if key_states.shape[0] != self.keys.shape[0]:
-            raise ValueError(f"a static hybrid cache sized for batch {self.keys.shape[0]} got a batch of "
-                             f"{key_states.shape[0]}; build the cache for this batch")
         pos = kwargs.get("position_ids") if kwargs is not None else None
         if key_states.shape[2] == 1:
+            _check_static((self.keys.shape[0], self.max_cache_len), None, key_states)
             return self._static_step(key_states, value_states, pos, kwargs)
         self.seen = int(self.cumulative_length)  # eager: a host sync is fine here
-        if self.seen + key_states.shape[2] > self.max_cache_len:
-            raise ValueError(f"the static hybrid cache holds {self.max_cache_len} tokens; {self.seen} are in and "
-                             f"{key_states.shape[2]} more came: size it for prompt + new tokens")
+        _check_static((self.keys.shape[0], self.max_cache_len), self.seen, key_states)
         out = super().update(key_states, value_states, kwargs=kwargs)
         self.cumulative_length.fill_(self.seen)
         return out
@@ -417,28 +426,17 @@ class StaticStreamingLayer(StreamingLayer):
 
 
 class StaticFullLayer(StaticLayer):
-    """transformers' `StaticLayer`, refusing a prefill that overflows it or a batch it was not sized for (the
-    decode step itself cannot check without a host sync: `generate` sizes the cache from its arguments)."""
+    """transformers' `StaticLayer`, refusing a prefill that overflows it or a batch it was not sized for."""
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if self.is_initialized and key_states.shape[0] != self.keys.shape[0]:
-            raise ValueError(f"a static hybrid cache sized for batch {self.keys.shape[0]} got a batch of "
-                             f"{key_states.shape[0]}; build the cache for this batch")
-        if key_states.shape[2] > 1 and not is_torchdynamo_compiling():
-            seen = int(self.cumulative_length)
-            if seen + key_states.shape[2] > self.max_cache_len:
-                raise ValueError(f"the static hybrid cache holds {self.max_cache_len} tokens; {seen} are in and "
-                                 f"{key_states.shape[2]} more came: size it for prompt + new tokens")
+        eager = key_states.shape[2] > 1 and not is_torchdynamo_compiling()
+        batch = self.keys.shape[0] if self.is_initialized else key_states.shape[0]  # the first call sizes it
+        _check_static((batch, self.max_cache_len), int(self.cumulative_length) if eager else None, key_states)
         return super().update(key_states, value_states, *args, **kwargs)
-
-    def nbytes(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
 
 def _layer_nbytes(layer) -> int:
-    if isinstance(layer, (StreamingLayer, FullLayer, StaticFullLayer)):
+    if isinstance(layer, (StreamingLayer, FullLayer)):
         return layer.nbytes()
     if getattr(layer, "is_initialized", False) and layer.keys is not None:
         return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()

@@ -132,7 +132,7 @@ def _streaming_forward(module, query, key, value, attention_mask, scaling, spec:
         q_idx = k_idx[:, K - Q :]
         k_valid = meta["valid"]
         if mask_valid is not None:
-            k_valid = k_valid & mask_valid.gather(1, k_idx.clamp(0, mask_valid.shape[1] - 1))
+            k_valid = k_valid & _mask_at(mask_valid, k_idx)
     return positional_streaming_sdpa(query, key, value, spec.sink, spec.window, pos, k_pos, q_idx, k_idx,
                                      k_valid, scaling)
 
@@ -144,7 +144,7 @@ def _decode_attention(query, key, value, mask_valid, meta, scaling):
     valid = meta["valid"]
     if mask_valid is not None:
         idx = meta["idx"]
-        mv = mask_valid[:, : key.shape[2]] if idx is None else mask_valid.gather(1, idx.clamp(0, mask_valid.shape[1] - 1))
+        mv = mask_valid[:, : key.shape[2]] if idx is None else _mask_at(mask_valid, idx)
         valid = mv if valid is None else valid & mv
     return one_query_sdpa(query, key, value, None if valid is None else valid[:, None, None, :], scaling)
 
@@ -156,8 +156,14 @@ def _static_decode_attention(query, key, value, pos, mask_valid, meta, scaling):
     k_pos, S, W = meta["pos"], meta["sink"], meta["window"]
     ok = meta["valid"] & (k_pos <= pos) & ((k_pos < S) | (pos - k_pos < W))
     if mask_valid is not None:
-        ok = ok & mask_valid.gather(1, meta["idx"].clamp(0, mask_valid.shape[1] - 1))
+        ok = ok & _mask_at(mask_valid, meta["idx"])
     return one_query_sdpa(query, key, value, ok[:, None, None, :], scaling)
+
+
+def _mask_at(mask_valid: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The caller's key validity [B, KV] looked up at the cache indices `idx` [B, slots] of a streaming layer's
+    slots (an empty slot's index, -1, reads column 0: such slots are masked by their own validity anyway)."""
+    return mask_valid.gather(1, idx.clamp(0, mask_valid.shape[1] - 1))
 
 
 def one_query_sdpa(query, key, value, mask, scaling) -> torch.Tensor:

@@ -65,6 +65,8 @@ def answer_tokens(vcfg) -> int:
     """`validation.max_new_tokens`, or the task's own when null."""
     n = vcfg.get("max_new_tokens")
     return int(n) if n is not None else ANSWER_TOKENS[vcfg.get("task", "demo")]
+
+
 HELDOUT_SEED = 10_000  # the training data's tasks use seed 0: problems no training row holds
 
 
@@ -78,11 +80,9 @@ def accuracy_problems(vcfg, dcfg) -> list[Example]:
     if not n:
         return []
     if task == "recall":
-        from ..data.recall import recall_examples
+        from ..data.sources import recall_examples_from
 
-        src = dcfg if dcfg.get("source") == "recall" else {}
-        return recall_examples(n, HELDOUT_SEED, int(src.get("facts", 8)), int(src.get("min_chars", 2000)),
-                               int(src.get("max_chars", 4000)))
+        return recall_examples_from(dcfg if dcfg.get("source") == "recall" else {}, n, HELDOUT_SEED)
     from ..data import demo_examples
 
     return demo_examples(n, seed=HELDOUT_SEED, min_steps=vcfg.accuracy_min_steps, max_steps=vcfg.accuracy_max_steps)
