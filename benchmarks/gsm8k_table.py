@@ -16,7 +16,9 @@ samples); `online` LightTransfer-Test (layers chosen during each prefill); `sft`
 LightTransfer-Train with the SFT or the distillation objective; `sft_s0`, `distill_s0` the same at S=0 (the
 natively exportable form); `full_sft` the full model after the same SFT (the control for "SFT changed the
 model"). Columns: accuracy ± SE, paired difference to the full model ± paired SE, mean output tokens, peak KV
-bytes, tokens/s, held-out NLL and KL(original || row) on real long-CoT text.
+bytes, tokens/s, held-out NLL and KL(original || row) on real long-CoT text. With `sft_s0`, that hybrid is also
+exported natively and answered in plain transformers, and its answers are compared with the evaluator's
+(--no-native skips it).
 
 Every stage runs the project's entry points and leaves its output under --out: a rerun skips what is done, so
 the table can be built in parts (one row per command, say).
@@ -95,6 +97,59 @@ def evaluate(args, row: str, model: str, hybrid: list[str]) -> str:
     return os.path.dirname(glob.glob(os.path.join(d, "*", "summary.json"))[0])
 
 
+def native_check(args, model_dir: str, run_dir: str) -> str:
+    """The trained S=0 hybrid exported natively (launch/export.py) and answered in plain transformers
+    (benchmarks/plain_generate.py: a process that never imports lt_train; left-padded batches of --batch in the
+    evaluator's order): its answers beside the evaluator's on the same prompts. Returns the table's line."""
+    import subprocess
+
+    from omegaconf import OmegaConf
+
+    from lt_train.eval.benchmarks import load_problems
+    from lt_train.eval.grader import extract_answer, grade
+    from lt_train.eval.sampling import build_prompt
+    from lt_train.models import load_tokenizer
+
+    d = os.path.join(args.out, f"native_sft_s0_p{args.problems}")
+    os.makedirs(d, exist_ok=True)
+    exported = os.path.join(d, "model")
+    run_stage("export.py", [f"model={model_dir}", f"output_dir={exported}"], os.path.join(exported, "config.json"),
+              os.path.join(d, "export_log.txt"))
+    conf = os.path.join(ROOT, "conf", "eval")
+    ecfg = OmegaConf.merge(OmegaConf.load(os.path.join(conf, "_protocol.yaml")),
+                           {k: v for k, v in OmegaConf.load(os.path.join(conf, "custom.yaml")).items()
+                            if k != "defaults"},
+                           {"path": f"{args.data}/gsm8k_test.jsonl", "mode": "gsm8k", "max_problems": args.problems})
+    problems = load_problems(ecfg)
+    tok = load_tokenizer(exported)
+    prompts = [build_prompt(tok, p.question, ecfg.instruction, ecfg.system_prompt) for p in problems]
+    texts_path = os.path.join(d, f"texts_new{args.max_new}_b{args.batch}.json")
+    if not os.path.exists(texts_path):
+        with open(os.path.join(d, "prompts.json"), "w") as f:
+            json.dump(prompts, f)
+        cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "plain_generate.py"), exported,
+               os.path.join(d, "prompts.json"), texts_path + ".part", f"--max-new={args.max_new}",
+               f"--batch={args.batch}"]
+        print(f"  $ {' '.join(cmd[1:])}", flush=True)
+        with open(os.path.join(d, "plain_log.txt"), "w") as log:
+            if subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=d) != 0:
+                sys.exit(f"plain_generate.py failed; its output: {d}/plain_log.txt")
+        os.replace(texts_path + ".part", texts_path)
+    with open(texts_path) as f:
+        theirs = json.load(f)
+    with open(os.path.join(run_dir, "samples.jsonl")) as f:
+        ours = {r["problem"]: r for r in map(json.loads, f)}
+    same_answer = sum(extract_answer(t, "gsm8k") == extract_answer(ours[p.id]["output"], "gsm8k")
+                      for p, t in zip(problems, theirs))
+    same_text = sum(t == ours[p.id]["output"] for p, t in zip(problems, theirs))
+    right = sum(grade(t, p.answer, "gsm8k") for p, t in zip(problems, theirs))
+    n = len(problems)
+    return (f"The S=0 SFT hybrid exported natively (`launch/export.py`) and run in plain transformers "
+            f"(`benchmarks/plain_generate.py`, no lt_train import, batches of {args.batch}): the evaluator's final "
+            f"answer on {same_answer}/{n} problems, its exact text on {same_text}/{n}; accuracy {100 * right / n:.1f}% "
+            f"({right}/{n}).")
+
+
 def correct_by_problem(run_dir: str) -> dict[str, float]:
     with open(os.path.join(run_dir, "samples.jsonl")) as f:
         return {r["problem"]: float(r["correct"]) for r in map(json.loads, f)}
@@ -157,6 +212,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--heldout", type=int, default=4)
     ap.add_argument("--cot-length", type=int, default=1024)
+    ap.add_argument("--no-native", action="store_true",
+                    help="skip exporting the S=0 SFT hybrid and answering in plain transformers (with the sft_s0 row)")
     args = ap.parse_args()
     rows = [r for r in args.rows.split(",") if r]
     unknown = set(rows) - set(ROWS)
@@ -230,6 +287,8 @@ def main() -> None:
         lines.append(f"| {LABELS[r]} | {100 * m['pass@1']:.1f}% ± {100 * m['pass@1_se']:.1f} | {vs} | "
                      f"{m['mean_output_tokens']:.0f} | {m['peak_kv_bytes'] / 2**20:.1f} | {m['tokens_per_s']:.1f} | "
                      f"{fmt(cot['nll'], '.4f')} | {fmt(cot['kl'], '.4f')} |")
+    if "sft_s0" in rows and not args.no_native:
+        lines += ["", native_check(args, specs["sft_s0"][0], runs["sft_s0"])]
     write_table(args.out, lines, t_start)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .hybrid import attention_modules
-from .nll import _targets, chunked_sum, decoder_of, tiled_head_loss, tiled_shards
+from .nll import HEAD_CHUNK, _targets, chunked_sum, decoder_of, tiled_head_loss, tiled_shards
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: tor
 
 
 def head_kl_sum(model, hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor,
-                s: DistillSettings, chunk: int = 1024, shifted: bool = False) -> torch.Tensor:
+                s: DistillSettings, chunk: int = HEAD_CHUNK, shifted: bool = False) -> torch.Tensor:
     """`kl_sum` of the positions that have a target (labels != -100; `shifted` as in `nll.lm_head_loss_sum`),
     the head applied per chunk and each chunk checkpointed (its logits are not kept for backward)."""
     head = model.get_output_embeddings()
@@ -89,7 +89,7 @@ def head_kl_sum(model, hidden: torch.Tensor, teacher_hidden: torch.Tensor, label
 
 
 def zero3_head_kl_sum(model, hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor,
-                      s: DistillSettings, scale: float, chunk: int = 1024, shifted: bool = False,
+                      s: DistillSettings, scale: float, chunk: int = HEAD_CHUNK, shifted: bool = False,
                       length: int | None = None) -> torch.Tensor:
     """`head_kl_sum` x `scale` under ZeRO-3, through DeepSpeed's tiled loss like `nll.zero3_head_loss_sum`: the
     teacher's states ride along as the tiled loss's `y`, the target mask as its `mask`, so each shard makes both

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+HEAD_CHUNK = 1024  # tokens per LM-head call: a chunk's logits are HEAD_CHUNK x vocab, never T x vocab
+
 
 def decoder_of(model):
     """The decoder stack of a causal LM (also through peft and DeepSpeed wrappers): hidden states only."""
@@ -16,7 +18,7 @@ def _targets(hidden: torch.Tensor, labels: torch.Tensor, shifted: bool):
     return (hidden, labels) if shifted else (hidden[:, :-1], labels[:, 1:])
 
 
-def lm_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024,
+def lm_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = HEAD_CHUNK,
                      shifted: bool = False, n_chunks: int | None = None) -> torch.Tensor:
     """Sum of next-token cross-entropies for decoder states `hidden` [B, T, H] and `labels` [B, T] (-100
     ignored; `shifted`: labels[t] is the target of state t). With gradients, each chunk is checkpointed so that
@@ -64,7 +66,7 @@ def tiled_shards(chunk: int, length: int | None, *tensors):
 
 
 def zero3_head_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor, scale: float,
-                        chunk: int = 1024, shifted: bool = False, length: int | None = None) -> torch.Tensor:
+                        chunk: int = HEAD_CHUNK, shifted: bool = False, length: int | None = None) -> torch.Tensor:
     """`lm_head_loss_sum` x `scale` under DeepSpeed ZeRO-3, through DeepSpeed's own tiled loss
     (`TiledFusedLogitsLoss`, ALST): chunk by chunk, the head runs forward and backward at once while ZeRO-3 holds
     its weight gathered, so neither the T x vocab logits nor a re-run of the head in backward (which would meet
@@ -101,7 +103,7 @@ def tiled_head_loss(model, fn, x, y, mask, shards: int) -> torch.Tensor:
 
 @torch.no_grad()
 def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-              labels: torch.Tensor | None = None, chunk: int = 1024,
+              labels: torch.Tensor | None = None, chunk: int = HEAD_CHUNK,
               n_chunks: int | None = None) -> tuple[float, int]:
     """(sum of token NLLs, number of predicted tokens). `labels` default to `input_ids`; -100 is ignored,
     as is padding. Positions are counted over real tokens, as `generate()` does."""

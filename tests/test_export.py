@@ -87,21 +87,7 @@ def test_export_command_line(tmp_path):
         torch.testing.assert_close(out["logits"], model(ids).logits, atol=2e-5, rtol=1e-4)
 
 
-PLAIN_GENERATE = r"""
-import json, sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-path, prompts_file, out_file, max_new = sys.argv[1:]
-model = AutoModelForCausalLM.from_pretrained(path).eval()
-tok = AutoTokenizer.from_pretrained(path)
-texts = []
-for prompt in json.load(open(prompts_file)):
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    with torch.no_grad():
-        gen = model.generate(ids, max_new_tokens=int(max_new), do_sample=False)
-    texts.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
-assert not any(m.startswith("lt_train") for m in sys.modules), "lt_train was imported"
-json.dump(texts, open(out_file, "w"))
-"""
+PLAIN_GENERATE = os.path.join(ROOT, "benchmarks", "plain_generate.py")  # imports no lt_train; says so if it did
 
 
 @pytest.mark.slow
@@ -129,8 +115,8 @@ def test_exported_qwen2_hybrid_answers_gsm8k_in_plain_transformers_as_the_evalua
     gs = GenSettings(1, True, 0.0, 1.0, 0, max_new, 1, 0, instruction, None)
     ours = [generate_batch(model, tok, [p], gs, [0]).texts[0] for p in prompts]
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
-    proc = subprocess.run([sys.executable, "-c", PLAIN_GENERATE, str(tmp_path / "native"),
-                           str(tmp_path / "prompts.json"), str(tmp_path / "out.json"), str(max_new)],
+    proc = subprocess.run([sys.executable, PLAIN_GENERATE, str(tmp_path / "native"), str(tmp_path / "prompts.json"),
+                           str(tmp_path / "out.json"), f"--max-new={max_new}", "--batch=1"],
                           capture_output=True, text=True, timeout=1200, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = json.loads((tmp_path / "out.json").read_text())

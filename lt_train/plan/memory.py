@@ -22,9 +22,9 @@ Per node (host): offloaded optimizer states / parameters and the weights each ra
 `plan_memory(cfg) -> MemoryPlan`; `python launch/plan.py` prints the table and writes plan.json."""
 from __future__ import annotations
 
-
 import torch
 
+from ..nll import HEAD_CHUNK  # tokens per LM-head chunk in the losses
 from .arch import arch_config, lora_params, meta_model, param_counts, _meta_lora
 from .hardware import Hardware, _get, hardware_from_config
 from .report import MemoryPlan
@@ -35,7 +35,6 @@ from .trace import layer_activations
 REDUCE_BUCKET = 200_000_000          # elements: gradient reduction (ZeRO-2 / 3)
 ALLGATHER_BUCKET = 200_000_000       # elements: ZeRO-2 parameter all-gather after the step
 PREFETCH_BUCKET = 50_000_000         # elements: ZeRO-3 parameter prefetch
-HEAD_CHUNK = 1024                    # tokens per LM-head chunk in nll.lm_head_loss_sum
 BACKWARD_WORKSET = 0.6               # a layer's backward working set, as a fraction of what it saved (measured)
 
 

@@ -19,9 +19,7 @@ from ..distributed import all_reduce_sum, share, world
 from ..hybrid import HybridConfig, set_lazy_layers
 from ..eval.grader import grade_integer
 from ..eval.sampling import GenSettings, build_prompt, generate_batch
-from ..nll import token_nll
-
-HEAD_CHUNK = 1024  # tokens per LM-head call in the NLL (no T x vocab logits)
+from ..nll import HEAD_CHUNK, token_nll
 
 
 def heldout_nll(model, encoded, rank: int = 0, world: int = 1, lockstep: bool = False) -> float:
