@@ -40,12 +40,27 @@ def timeout_of(cfg) -> datetime.timedelta:
     return datetime.timedelta(minutes=float(minutes))
 
 
+def set_group_timeout(timeout: datetime.timedelta) -> None:
+    """Make `timeout` the one of every process group created from now on without a timeout of its own.
+
+    torch gives such a group its backend's default (10 minutes for NCCL), not the world group's, and DeepSpeed
+    creates its ZeRO and sequence-parallel groups with `new_group(ranks)` and no timeout: without this, a rank
+    waiting on one of them would fail after 10 minutes whatever `distributed.timeout_minutes` says. torch reads
+    these module defaults each time a group is created."""
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
+
+
 def init_if_needed(timeout: datetime.timedelta | None = None) -> None:
     """Join torchrun's process group (NCCL on GPU, gloo on CPU) when launched with more than one process."""
     set_device()
     if world()[1] > 1 and dist.is_available() and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=timeout or datetime.timedelta(minutes=DEFAULT_TIMEOUT_MINUTES))
+        timeout = timeout or datetime.timedelta(minutes=DEFAULT_TIMEOUT_MINUTES)
+        set_group_timeout(timeout)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
 
 
 def all_reduce_sum(x: float, device) -> float:

@@ -340,3 +340,28 @@ def test_a_lora_run_can_save_the_adapter_alone(tmp_path):
                              "train.save_merged=false"]))
     assert not (tmp_path / "model").exists() and (tmp_path / "adapter" / "adapter_config.json").exists()
     PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "adapter"))  # loads onto the base
+
+
+GROUP_TIMEOUT = r"""
+import datetime, sys, torch, torch.distributed as dist
+from lt_train.distributed import set_group_timeout
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1,
+                        timeout=datetime.timedelta(minutes=77))
+before = dist.new_group([0])  # as DeepSpeed makes its groups: no timeout of their own
+set_group_timeout(datetime.timedelta(minutes=77))
+after = dist.new_group([0])
+print([g._get_backend(torch.device("cpu")).options._timeout.total_seconds() / 60 for g in (before, after)])
+"""
+
+
+def test_groups_created_after_start_up_wait_as_long_as_the_world_group(tmp_path):
+    """DeepSpeed creates its ZeRO and sequence-parallel groups with new_group(ranks): without set_group_timeout
+    they would wait torch's default (30 min gloo, 10 min NCCL), not distributed.timeout_minutes."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", GROUP_TIMEOUT, str(tmp_path / "store")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert after == 77 and before != 77  # the control: a group made before the call keeps torch's default

@@ -16,7 +16,7 @@ from .. import sequence_parallel
 from ..data.collate import pack_bins
 from ..data.format import EncodedExample
 from ..data.prepare import prepare
-from ..distributed import barrier, local_rank, set_device, timeout_of, world
+from ..distributed import barrier, local_rank, set_device, set_group_timeout, timeout_of, world
 from ..io import atomic_write_json
 from ..lazy import select_with_stats
 from ..models import tokenizer_from_config
@@ -69,6 +69,7 @@ def set_up_run(cfg) -> Run:
     if use_ds:
         import deepspeed
 
+        set_group_timeout(timeout_of(cfg))  # DeepSpeed's own groups too, not only the world group
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    timeout=timeout_of(cfg))
     elif world_size > 1:  # pragma: no cover - validate() refuses this
