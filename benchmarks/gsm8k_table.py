@@ -117,7 +117,7 @@ def native_check(args, model_dir: str, run_dir: str) -> str:
               os.path.join(d, "export_log.txt"))
     conf = os.path.join(ROOT, "conf", "eval")
     ecfg = OmegaConf.merge(OmegaConf.load(os.path.join(conf, "_protocol.yaml")),
-                           {k: v for k, v in OmegaConf.load(os.path.join(conf, "custom.yaml")).items()
+                           {k: v for k, v in OmegaConf.to_container(OmegaConf.load(os.path.join(conf, "custom.yaml"))).items()
                             if k != "defaults"},
                            {"path": f"{args.data}/gsm8k_test.jsonl", "mode": "gsm8k", "max_problems": args.problems})
     problems = load_problems(ecfg)
