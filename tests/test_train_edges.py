@@ -181,6 +181,20 @@ def test_every_lazy_setting_is_checked_before_anything_loads(override, message):
     assert message in str(e.value)
 
 
+def test_distillation_without_a_lazy_layer_is_refused():
+    """With no lazy layer the student is the teacher: the loss is 0 at every step and nothing trains."""
+    from lt_train.train.config import check_distill_has_lazy, validate
+
+    cfg = _compose(["train=lora", "train.objective=distill", "lazy.layers=[]"])
+    with pytest.raises(ValueError, match="train.objective=distill with no lazy layers"):
+        validate(cfg, 1)
+    validate(_compose(["train=lora", "train.objective=sft", "lazy.layers=[]"]), 1)  # the full model's SFT: fine
+    validate(_compose(["train=lora", "train.objective=distill"]), 1)  # lazy.layers=[1,3]: fine
+    with pytest.raises(ValueError, match="no lazy layers"):  # a selection that chose none, caught after it
+        check_distill_has_lazy(cfg.train, [])
+    check_distill_has_lazy(cfg.train, [1])
+
+
 def test_the_windows_former_name_is_read_with_a_deprecation_message(capsys):
     from lt_train.train.config import validate
 

@@ -32,6 +32,14 @@ def distill_settings(tr):
     return DistillSettings(float(d.get("temperature", 1.0)), top_k)
 
 
+def check_distill_has_lazy(tr, lazy_layers) -> None:
+    """Distillation with no lazy layer has nothing to learn: the student is the teacher (loss 0 at every step)."""
+    if lazy_layers is not None and len(lazy_layers) == 0 and tr.get("objective", "sft") == "distill":
+        raise ValueError("train.objective=distill with no lazy layers: the model is its own teacher (every layer "
+                         "full), so the loss is 0 and nothing trains. Distil a hybrid (lazy.layers or "
+                         "lazy.num_lazy > 0), or fine-tune the full model with train.objective=sft")
+
+
 def text_config_of(mcfg):
     """The decoder config of the configured model, read without loading weights."""
     from transformers import AutoConfig
@@ -80,6 +88,7 @@ def validate(cfg, world_size: int) -> None:
     if tr.bf16 and stage == 0 and not torch.cuda.is_available():
         raise ValueError("train.bf16 without DeepSpeed runs only on GPU; on CPU use fp32 (bf16 is emulated, ~12x slower)")
     distill_settings(tr)
+    check_distill_has_lazy(tr, lz.get("layers"))
     _validate_lazy(cfg)
     from ..distributed import timeout_of
 

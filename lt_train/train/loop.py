@@ -23,7 +23,7 @@ from ..io import atomic_write_json, atomic_write_text
 from ..nll import decoder_of, lm_head_loss_sum, zero3_head_loss_sum
 from ..tracking import init_wandb
 from . import checkpoint as ckpt
-from .config import distill_settings
+from .config import check_distill_has_lazy, distill_settings
 from .engine import save_checkpoint
 from .evaluate import evaluate_pair
 from .final_weights import adapter_state, write_model
@@ -75,6 +75,7 @@ def load_and_convert(cfg, run: Run, data: Data):
     with _partitioned_forwards(model, run.ds_config if run.zero3 and _selects(cfg) else None):
         lazy = _choose_lazy(cfg, model, data.train, cfg.output_dir, run.rank, lockstep=run.zero3)
         barrier()
+    check_distill_has_lazy(cfg.train, lazy)  # the layers a selection chose, if none were given
     convert_to_hybrid(model, HybridConfig(lazy, cfg.lazy.sink_tokens, cfg.lazy.window, cfg.lazy.get("backend", "auto")))
     return model, lazy, hf_ds
 
