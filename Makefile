@@ -1,6 +1,6 @@
 # Set-up and everyday commands. Each target installs what is missing first (torch pinned to its CPU build
 # before the project, since an unpinned torch pulls a multi-GB CUDA build), and a second run installs nothing.
-#   make demo        the main job: the method on SmolLM2-135M, a table at the end (~15 min on 2 CPU cores)
+#   make demo        the main job: the method on SmolLM2-135M, a table at the end (under 10 min on 2 idle CPU cores)
 #   make test        the suite CI runs (fast, then slow)
 #   make test-fast   the fast suite only;   make test-slow   the slow one only
 #   make bench       decode throughput, eager and compiled, and at a fixed KV budget

@@ -90,6 +90,34 @@ def ops_per_step(model, cache, first, start: int, dev, step=_step) -> int:
                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
 
+@torch.no_grad()
+def time_split(model, cache, first, start: int, dev, step=_step, steps: int = 4, top: int = 5) -> list:
+    """Where a decode step's time goes: the `top` operators by their own time over `steps` profiled steps, as
+    (name, share of the steps' wall time), then the other ATen operators together, then what no ATen operator
+    accounts for (Python and, in a compiled step, inductor's own generated kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tok = first.contiguous()
+    pos = torch.full((tok.shape[0], 1), start, device=dev)
+    step(model, tok, pos, cache)  # a compiled step may recompile under the profiler: not timed
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        sync(dev)
+        t0 = time.perf_counter()
+        for s in range(steps):
+            step(model, tok, pos + 1 + s, cache)
+        sync(dev)
+        wall = (time.perf_counter() - t0) * 1e6
+    def own(e):
+        return (e.self_device_time_total if dev.type == "cuda" else e.self_cpu_time_total) / wall
+
+    rows = sorted((e for e in prof.key_averages() if e.key.startswith("aten::")), key=own, reverse=True)
+    split = [(e.key, own(e)) for e in rows[:top]]
+    aten = sum(own(e) for e in rows)
+    return split + [("other ATen operators", aten - sum(x for _, x in split)),
+                    ("no ATen operator (Python, inductor's kernels)", max(0.0, 1 - aten))]
+
+
 def kv_bytes_per_sequence(config, hc: HybridConfig | None, length: int, dtype: torch.dtype) -> int:
     """KV bytes one sequence of `length` tokens holds: a full layer keeps every token, a lazy one S + min(W, length)
     slots plus their position id and cache index (int64 each) — what `HybridCache(static=True)` allocates."""

@@ -2,7 +2,7 @@
 eager and compiled, and throughput at a fixed KV budget (what the paper's 2.17x compares).
 
     python benchmarks/decode.py [--prompts 256,2048,8192 --batch 8 --new 32 --sink 4 --window 1020
-                                 --kv-budget-gb 0.5 --no-compile]
+                                 --kv-budget-gb 0.5 --no-compile --profile]
 
 Per prompt length, interleaved `--repeats` times in one process (the order rotated, the fastest repeat kept):
 - `static`: the full model with transformers' `StaticCache`, eager;
@@ -19,7 +19,8 @@ Tables: (a) tokens/s and the ratios eager hybrid / eager static and compiled hyb
 the bound from the bytes a decode step reads, (weights + full KV) / (weights + hybrid KV); (b) operators
 dispatched per decode step (kernels on CUDA; ATen operators on CPU), the proxy for launch overhead; (c) at a
 fixed KV budget (`--kv-budget-gb`, prompt `--budget-prompt` + `--new`), each model at the largest batch whose
-cache fits, tokens/s there, and the throughput ratio beside the capacity ratio.
+cache fits, tokens/s there, and the throughput ratio beside the capacity ratio; with `--profile`, (d) where a
+decode step's time goes at the last prompt (operators by their own time, per variant).
 
 On a CPU inductor's code is slower than eager (the compiled rows are for the GPU; here they are compared only
 compiled to compiled).
@@ -37,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _decode import (compiled, decode, fill, graphs_compiled, kv_bytes_per_sequence, make_cache,  # noqa: E402
-                     ops_per_step)
+                     ops_per_step, time_split)
 from lt_train import HybridConfig, convert_to_hybrid  # noqa: E402
 from lt_train.cache import cache_nbytes  # noqa: E402
 from lt_train.models import load_model  # noqa: E402
@@ -123,6 +124,22 @@ def budget_table(vs: dict, hc: HybridConfig, args, dev, weights: int) -> None:
     print(f"capacity ratio {bh / bf:.2f}x (bytes {pf / ph:.2f}x), throughput ratio {th / tf:.2f}x")
 
 
+def profile_table(vs: dict, prompt: int, args, dev) -> None:
+    """(d) where one decode step's time goes at `prompt`, per variant (static full and hybrid, eager and compiled)."""
+    prefill = prefill_of(vs["static"][0], prompt, dev)
+    first = torch.randint(100, vs["static"][0].config.vocab_size, (args.batch, 1), device=dev)
+    print(f"\n(d) where a decode step's time goes, prompt {prompt}, batch {args.batch}: operators by their own "
+          "time, share of the step")
+    for name in (k for k in ("static", "hybrid", "static+c", "hybrid+c") if k in vs):
+        model, kind, step = vs[name]
+        cache = make_cache(kind, model.config, prompt + WARM + args.new + 2)  # run_variant's shape: no new graph
+        fill(cache, prefill, args.batch, prompt, dev)
+        kw = {} if step is None else {"step": step}
+        _, warm, _ = decode(model, cache, first, prompt, WARM, dev, **kw)
+        split = time_split(model, cache, warm[:, -1:], prompt + WARM, dev, **kw)
+        print(f"{name:>9} | " + ", ".join(f"{n.replace('aten::', '')} {x:.0%}" for n, x in split), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -138,6 +155,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=64, help="cap on the fixed-budget batch")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    ap.add_argument("--profile", action="store_true", help="(d) where a decode step's time goes, at the last prompt")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -174,6 +192,8 @@ def main() -> None:
         print(f"{prompt:>6} | " + " ".join(f"{o[k]:>9}" for k in vs) + f" | {o['hybrid'] / o['static']:.2f}x, {comp}")
     if args.kv_budget_gb > 0:
         budget_table(vs, hc, args, dev, weights)
+    if args.profile:
+        profile_table(vs, int(args.prompts.split(",")[-1]), args, dev)
     if not args.no_compile:  # each compiled variant: one graph per (prompt, batch); more would be recompilations
         print(f"\ngraphs compiled: {graphs_compiled()}")
 

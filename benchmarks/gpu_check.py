@@ -341,7 +341,38 @@ def _hybrid_pair(arch: str, dev, backend: str):
     return model, ref
 
 
+@contextlib.contextmanager
+def _flash_calls(backend: str):
+    """Counts the calls of flash-attn's streaming path while a check runs: a check of `flash_attn` that never
+    reached it (sent to sdpa, say, by left padding) must fail, not pass on another backend's numbers."""
+    calls = [0]
+    real = flash_backend.flash_streaming
+
+    def counted(*a, **kw):
+        calls[0] += 1
+        return real(*a, **kw)
+
+    if backend == "flash_attn":
+        flash_backend.flash_streaming = counted
+    try:
+        yield calls
+    finally:
+        flash_backend.flash_streaming = real
+
+
+def _flash_result(res: dict, backend: str, calls: list) -> dict:
+    if backend == "flash_attn":
+        res["flash_calls"] = calls[0]
+        res["ok"] = bool(res["ok"] and calls[0] > 0)
+    return res
+
+
 def hybrid_forward_backward(arch: str, dev, backend: str, dtype=torch.float32) -> dict:
+    with _flash_calls(backend) as calls:
+        return _flash_result(_hybrid_forward_backward(arch, dev, backend, dtype), backend, calls)
+
+
+def _hybrid_forward_backward(arch: str, dev, backend: str, dtype=torch.float32) -> dict:
     """Logits and every parameter's gradient of a hybrid model on two rows: a whole row and a packed row of
     three documents (one shorter than the sinks), against the reference model (fp32). `dtype`: the hybrid's
     (flash-attn runs bf16 only; the tolerances then allow for bf16 rounding)."""
@@ -373,15 +404,22 @@ def hybrid_forward_backward(arch: str, dev, backend: str, dtype=torch.float32) -
             "missing_grads": missing, "tolerance": tol}
 
 
-@torch.no_grad()
 def hybrid_decode_logits(arch: str, dev, backend: str, dtype) -> dict:
-    """Prefill (left-padded, longer than S + W) and 24 cached decode steps of the hybrid under `backend` in
-    `dtype`, teacher-forced with the reference's own greedy tokens: the logits of every step against the fp32
-    reference recomputing the whole sequence."""
+    with _flash_calls(backend) as calls:
+        return _flash_result(_hybrid_decode_logits(arch, dev, backend, dtype), backend, calls)
+
+
+@torch.no_grad()
+def _hybrid_decode_logits(arch: str, dev, backend: str, dtype) -> dict:
+    """Prefill (longer than S + W) under `backend` and 24 cached decode steps of the hybrid in `dtype` (a decode
+    step attends over the ring with sdpa whatever the backend), teacher-forced with the reference's own greedy
+    tokens: the logits of every step against the fp32 reference recomputing the whole sequence. Rows are left-
+    padded except for flash-attn, which sends padded rows to sdpa by design."""
     model, ref = _hybrid_pair(arch, dev, backend)
     model.to(dtype)
     g = torch.Generator().manual_seed(4)
-    B, T, pads, new = 2, 40, (0, 9), 24
+    B, T, new = 2, 40, 24
+    pads = (0, 0) if backend == "flash_attn" else (0, 9)
     ids = torch.randint(3, 128, (B, T), generator=g)
     am = torch.ones(B, T, dtype=torch.long)
     for b, p in enumerate(pads):
@@ -470,7 +508,7 @@ def section_hybrid(run: Run, sz: dict, dev) -> None:
         for arch in TINY_ARCHS:
             run.item("hybrid", f"{arch} forward+backward (flash_attn streaming, bf16) vs fp32 reference",
                      lambda: hybrid_forward_backward(arch, dev, "flash_attn", torch.bfloat16), arch=arch)
-            run.item("hybrid", f"{arch} cached decode (flash_attn, bf16) logits vs fp32 reference",
+            run.item("hybrid", f"{arch} prefill (flash_attn, bf16) + cached decode logits vs fp32 reference",
                      lambda: hybrid_decode_logits(arch, dev, "flash_attn", torch.bfloat16), arch=arch)
     else:
         run.add("hybrid", "flash_attn streaming forward+backward and decode", "skip",

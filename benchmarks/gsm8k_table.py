@@ -106,7 +106,7 @@ def native_check(args, model_dir: str, run_dir: str) -> str:
     from omegaconf import OmegaConf
 
     from lt_train.eval.benchmarks import load_problems
-    from lt_train.eval.grader import extract_answer, grade
+    from lt_train.eval.grader import answer_key, extract_answer, grade
     from lt_train.eval.sampling import build_prompt
     from lt_train.models import load_tokenizer
 
@@ -139,8 +139,10 @@ def native_check(args, model_dir: str, run_dir: str) -> str:
         theirs = json.load(f)
     with open(os.path.join(run_dir, "samples.jsonl")) as f:
         ours = {r["problem"]: r for r in map(json.loads, f)}
-    same_answer = sum(extract_answer(t, "gsm8k") == extract_answer(ours[p.id]["output"], "gsm8k")
-                      for p, t in zip(problems, theirs))
+    def key(text):  # the grader's normalised answer: "18" and "18.00" are the same answer
+        return answer_key(extract_answer(text, "gsm8k"), "gsm8k")
+
+    same_answer = sum(key(t) == key(ours[p.id]["output"]) for p, t in zip(problems, theirs))
     same_text = sum(t == ours[p.id]["output"] for p, t in zip(problems, theirs))
     right = sum(grade(t, p.answer, "gsm8k") for p, t in zip(problems, theirs))
     n = len(problems)

@@ -30,7 +30,9 @@ def main() -> None:
     eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     if tok.eos_token_id is not None and tok.eos_token_id not in eos:
         eos.append(tok.eos_token_id)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    if tok.pad_token_id is None:  # batches are padded: a tokenizer without a pad token pads with end-of-sequence
+        tok.pad_token_id = eos[0]
+    pad = tok.pad_token_id
     texts = []
     for a in range(0, len(prompts), args.batch):
         enc = tok(prompts[a:a + args.batch], return_tensors="pt", padding=True, add_special_tokens=False)

@@ -188,6 +188,8 @@ def test_distillation_without_a_lazy_layer_is_refused():
     cfg = _compose(["train=lora", "train.objective=distill", "lazy.layers=[]"])
     with pytest.raises(ValueError, match="train.objective=distill with no lazy layers"):
         validate(cfg, 1)
+    with pytest.raises(ValueError, match="train.objective=distill with no lazy layers"):
+        validate(_compose(["train=lora", "train.objective=distill", "lazy.layers=null", "lazy.num_lazy=0"]), 1)
     validate(_compose(["train=lora", "train.objective=sft", "lazy.layers=[]"]), 1)  # the full model's SFT: fine
     validate(_compose(["train=lora", "train.objective=distill"]), 1)  # lazy.layers=[1,3]: fine
     with pytest.raises(ValueError, match="no lazy layers"):  # a selection that chose none, caught after it

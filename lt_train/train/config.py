@@ -88,7 +88,8 @@ def validate(cfg, world_size: int) -> None:
     if tr.bf16 and stage == 0 and not torch.cuda.is_available():
         raise ValueError("train.bf16 without DeepSpeed runs only on GPU; on CPU use fp32 (bf16 is emulated, ~12x slower)")
     distill_settings(tr)
-    check_distill_has_lazy(tr, lz.get("layers"))
+    check_distill_has_lazy(tr, lz.get("layers") if lz.get("layers") is not None else
+                           ([] if lz.get("num_lazy") == 0 else None))
     _validate_lazy(cfg)
     from ..distributed import timeout_of
 
