@@ -181,9 +181,14 @@ def test_every_lazy_setting_is_checked_before_anything_loads(override, message):
     assert message in str(e.value)
 
 
-def test_distillation_without_a_lazy_layer_is_refused():
+def test_distillation_without_a_lazy_layer_is_refused(tmp_path):
     """With no lazy layer the student is the teacher: the loss is 0 at every step and nothing trains."""
     from lt_train.train.config import check_distill_has_lazy, validate
+
+    empty = tmp_path / "lazy_layers.json"  # a selection file that names no layer
+    empty.write_text(json.dumps({"lazy_layers": [], "sink_tokens": 4, "window": 64}))
+    with pytest.raises(ValueError, match="train.objective=distill with no lazy layers"):
+        validate(_compose(["train=lora", "train.objective=distill", "lazy.layers=null", f"lazy.from_file={empty}"]), 1)
 
     cfg = _compose(["train=lora", "train.objective=distill", "lazy.layers=[]"])
     with pytest.raises(ValueError, match="train.objective=distill with no lazy layers"):

@@ -91,6 +91,8 @@ def validate(cfg, world_size: int) -> None:
     check_distill_has_lazy(tr, lz.get("layers") if lz.get("layers") is not None else
                            ([] if lz.get("num_lazy") == 0 else None))
     _validate_lazy(cfg)
+    if lz.get("from_file"):  # the layers a selection file names (read by _validate_lazy)
+        check_distill_has_lazy(tr, lz.get("file_layers"))
     from ..distributed import timeout_of
 
     timeout_of(cfg)
