@@ -108,6 +108,7 @@ def time_split(model, cache, first, start: int, dev, step=_step, steps: int = 4,
             step(model, tok, pos + 1 + s, cache)
         sync(dev)
         wall = (time.perf_counter() - t0) * 1e6
+
     def own(e):
         return (e.self_device_time_total if dev.type == "cuda" else e.self_cpu_time_total) / wall
 

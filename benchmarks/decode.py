@@ -71,13 +71,20 @@ def variants(full_model, hybrid_model, dev, compile_: bool) -> dict:
     return v
 
 
-def run_variant(model, kind, step, prefill, batch: int, prompt: int, new: int, first, dev):
-    """(seconds for `new` steps after WARM warm-up steps, tokens, KV bytes at the end, operators per step)"""
+def warmed(model, kind, step, prefill, batch: int, prompt: int, new: int, first, dev):
+    """A cache of `kind` sized for `new` steps after WARM warm-up steps (one shape per prompt and batch: a
+    compiled step compiles once), filled with the prefill and warmed up: (cache, the last token, step keywords)."""
     cache = make_cache(kind, model.config, prompt + WARM + new + 2)
     fill(cache, prefill, batch, prompt, dev)
     kw = {} if step is None else {"step": step}
     _, warm, _ = decode(model, cache, first, prompt, WARM, dev, **kw)
-    secs, toks, _ = decode(model, cache, warm[:, -1:], prompt + WARM, new, dev, **kw)
+    return cache, warm[:, -1:], kw
+
+
+def run_variant(model, kind, step, prefill, batch: int, prompt: int, new: int, first, dev):
+    """(seconds for `new` steps after WARM warm-up steps, tokens, KV bytes at the end, operators per step)"""
+    cache, last, kw = warmed(model, kind, step, prefill, batch, prompt, new, first, dev)
+    secs, toks, _ = decode(model, cache, last, prompt + WARM, new, dev, **kw)
     ops = ops_per_step(model, cache, toks[:, -1:], prompt + WARM + new, dev, **kw)
     return secs, toks, kv_bytes(cache), ops
 
@@ -131,12 +138,8 @@ def profile_table(vs: dict, prompt: int, args, dev) -> None:
     print(f"\n(d) where a decode step's time goes, prompt {prompt}, batch {args.batch}: operators by their own "
           "time, share of the step")
     for name in (k for k in ("static", "hybrid", "static+c", "hybrid+c") if k in vs):
-        model, kind, step = vs[name]
-        cache = make_cache(kind, model.config, prompt + WARM + args.new + 2)  # run_variant's shape: no new graph
-        fill(cache, prefill, args.batch, prompt, dev)
-        kw = {} if step is None else {"step": step}
-        _, warm, _ = decode(model, cache, first, prompt, WARM, dev, **kw)
-        split = time_split(model, cache, warm[:, -1:], prompt + WARM, dev, **kw)
+        cache, last, kw = warmed(*vs[name], prefill, args.batch, prompt, args.new, first, dev)
+        split = time_split(vs[name][0], cache, last, prompt + WARM, dev, **kw)
         print(f"{name:>9} | " + ", ".join(f"{n.replace('aten::', '')} {x:.0%}" for n, x in split), flush=True)
 
 

@@ -103,7 +103,7 @@ def native_check(args, model_dir: str, run_dir: str) -> str:
     evaluator's order): its answers beside the evaluator's on the same prompts. Returns the table's line."""
     import subprocess
 
-    from omegaconf import OmegaConf
+    from hydra import compose, initialize_config_dir
 
     from lt_train.eval.benchmarks import load_problems
     from lt_train.eval.grader import answer_key, extract_answer, grade
@@ -115,11 +115,9 @@ def native_check(args, model_dir: str, run_dir: str) -> str:
     exported = os.path.join(d, "model")
     run_stage("export.py", [f"model={model_dir}", f"output_dir={exported}"], os.path.join(exported, "config.json"),
               os.path.join(d, "export_log.txt"))
-    conf = os.path.join(ROOT, "conf", "eval")
-    ecfg = OmegaConf.merge(OmegaConf.load(os.path.join(conf, "_protocol.yaml")),
-                           {k: v for k, v in OmegaConf.to_container(OmegaConf.load(os.path.join(conf, "custom.yaml"))).items()
-                            if k != "defaults"},
-                           {"path": f"{args.data}/gsm8k_test.jsonl", "mode": "gsm8k", "max_problems": args.problems})
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):  # as the eval stage's
+        ecfg = compose("evaluate", overrides=["eval=custom", f"eval.path={args.data}/gsm8k_test.jsonl",
+                                              "eval.mode=gsm8k", f"eval.max_problems={args.problems}"]).eval
     problems = load_problems(ecfg)
     tok = load_tokenizer(exported)
     prompts = [build_prompt(tok, p.question, ecfg.instruction, ecfg.system_prompt) for p in problems]
@@ -139,6 +137,7 @@ def native_check(args, model_dir: str, run_dir: str) -> str:
         theirs = json.load(f)
     with open(os.path.join(run_dir, "samples.jsonl")) as f:
         ours = {r["problem"]: r for r in map(json.loads, f)}
+
     def key(text):  # the grader's normalised answer: "18" and "18.00" are the same answer
         return answer_key(extract_answer(text, "gsm8k"), "gsm8k")
 

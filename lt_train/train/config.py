@@ -40,6 +40,16 @@ def check_distill_has_lazy(tr, lazy_layers) -> None:
                          "lazy.num_lazy > 0), or fine-tune the full model with train.objective=sft")
 
 
+def _given_lazy_layers(lz) -> list | None:
+    """The lazy layers a config fixes before any selection runs (`lazy.layers`, the layers of `lazy.from_file`
+    once `_validate_lazy` has read it, none for `lazy.num_lazy=0`), or None when a selection will choose them."""
+    if lz.get("layers") is not None:
+        return list(lz.layers)
+    if lz.get("from_file"):
+        return list(lz.file_layers)
+    return [] if lz.get("num_lazy") == 0 else None
+
+
 def text_config_of(mcfg):
     """The decoder config of the configured model, read without loading weights."""
     from transformers import AutoConfig
@@ -88,11 +98,8 @@ def validate(cfg, world_size: int) -> None:
     if tr.bf16 and stage == 0 and not torch.cuda.is_available():
         raise ValueError("train.bf16 without DeepSpeed runs only on GPU; on CPU use fp32 (bf16 is emulated, ~12x slower)")
     distill_settings(tr)
-    check_distill_has_lazy(tr, lz.get("layers") if lz.get("layers") is not None else
-                           ([] if lz.get("num_lazy") == 0 else None))
     _validate_lazy(cfg)
-    if lz.get("from_file"):  # the layers a selection file names (read by _validate_lazy)
-        check_distill_has_lazy(tr, lz.get("file_layers"))
+    check_distill_has_lazy(tr, _given_lazy_layers(lz))
     from ..distributed import timeout_of
 
     timeout_of(cfg)

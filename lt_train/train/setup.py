@@ -69,9 +69,9 @@ def set_up_run(cfg) -> Run:
     if use_ds:
         import deepspeed
 
-        set_group_timeout(timeout_of(cfg))  # DeepSpeed's own groups too, not only the world group
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   timeout=timeout_of(cfg))
+        timeout = timeout_of(cfg)
+        set_group_timeout(timeout)  # DeepSpeed's own groups too, not only the world group
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     elif world_size > 1:  # pragma: no cover - validate() refuses this
         raise RuntimeError("several processes need DeepSpeed")
     seed = int(cfg.train.seed)
